@@ -1,0 +1,291 @@
+"""CIFAR-stem ResNets with normalisation inside and an explicit features/classify split.
+
+Models are built by name from a registry; weights are stored as safetensors next to
+a JSON card. User checkpoints load from safetensors, or from .pt/.pth through
+torch.load(weights_only=True) only: nothing user-supplied is ever unpickled freely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+SAMPLE_MODELS = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+class ModelError(RuntimeError):
+    """A model or checkpoint could not be built or loaded; the message says why."""
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool).
+
+    Inputs are images in [0, 1]; normalisation happens inside, so attacks and
+    Grad-CAM work in pixel space. `features(x)` is the penultimate vector h(x),
+    `classify(f)` the final linear layer, and forward = classify(features(x)).
+    """
+
+    def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int, in_channels: int = 3,
+                 width: int = 64, mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.5,)) -> None:
+        super().__init__()
+        if len(mean) not in (1, in_channels) or len(std) not in (1, in_channels):
+            raise ModelError(f"mean/std need 1 or {in_channels} values")
+        def per_channel(v: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).expand(1, in_channels, 1, 1).clone()
+
+        self.register_buffer("mean", per_channel(mean))
+        self.register_buffer("std", per_channel(std))
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        cin, stages = width, []
+        for i, n in enumerate(layers):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(block(cin, width * 2**i, stride))
+                cin = width * 2**i * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.feature_dim = cin
+        self.linear = nn.Linear(cin, num_classes)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the last conv stage (Grad-CAM target)."""
+        x = (x - self.mean) / self.std
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(out))))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
+
+    def classify(self, f: torch.Tensor) -> torch.Tensor:
+        return self.linear(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    block: type[nn.Module]
+    layers: tuple[int, ...]
+    width: int
+    note: str
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec(BasicBlock, (2, 2, 2, 2), 64, "the paper's ResNet-18 (512-d features)"),
+    "resnet18_narrow": ArchSpec(BasicBlock, (2, 2, 2, 2), 16, "ResNet-18 at 1/4 width (128-d features), for CPU"),
+    "resnet34": ArchSpec(BasicBlock, (3, 4, 6, 3), 64, "ResNet-34 (512-d features)"),
+    "resnet50": ArchSpec(Bottleneck, (3, 4, 6, 3), 64, "ResNet-50, the paper's CIFAR-100 model (2048-d)"),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(ARCHS)
+
+
+def create_model(arch: str, num_classes: int, in_channels: int = 3,
+                 mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.5,)) -> ResNet:
+    if arch not in ARCHS:
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(list_models())}")
+    spec = ARCHS[arch]
+    return ResNet(spec.block, list(spec.layers), num_classes, in_channels, spec.width, mean, std)
+
+
+# ------------------------------------------------------------------ persistence
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(model: ResNet, path: str | Path, card: dict) -> dict:
+    """Write `<path>.safetensors` and `<path>.json`; returns the final card."""
+    path = Path(path).with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = path.with_suffix(".safetensors")
+    tmp = weights.with_suffix(".safetensors.part")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    tmp.replace(weights)
+    card = dict(card, weights_file=weights.name, weights_sha256=sha256_file(weights))
+    card_path = path.with_suffix(".json")
+    card_path.with_suffix(".json.part").write_text(json.dumps(card, indent=2) + "\n")
+    card_path.with_suffix(".json.part").replace(card_path)
+    return card
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from .safetensors, or from .pt/.pth with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(f"{path} is not a valid safetensors file: {exc}") from exc
+    if path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ModelError(
+                f"{path} holds Python objects beyond plain tensors, so it was refused (loading it could run code). "
+                "Save only the state_dict, or convert it to .safetensors."
+            ) from exc
+        except Exception as exc:
+            raise ModelError(f"{path} could not be read as a PyTorch checkpoint: {exc}") from exc
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ModelError(f"{path} does not hold a state_dict of tensors")
+        return {k.removeprefix("module."): v for k, v in obj.items()}
+    raise ModelError(f"{path}: unsupported checkpoint type {path.suffix!r}; use .safetensors, .pt or .pth")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load a state_dict strictly, with a readable message on any mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        lines = []
+        if wrong:
+            lines.append("shape mismatch (" + "; ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else "") + ")")
+        theirs, ours = state.get("linear.weight"), own.get("linear.weight")
+        if theirs is not None and ours is not None and theirs.shape[0] != ours.shape[0]:
+            lines.append(f"the checkpoint has {theirs.shape[0]} classes, the dataset {ours.shape[0]}")
+        if missing:
+            lines.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if extra:
+            lines.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+        raise ModelError(f"{source} does not fit this architecture: " + "; ".join(lines)
+                         + ". Check --arch and that the model was trained on this dataset.")
+    model.load_state_dict(state)
+
+
+@dataclass
+class LoadedModel:
+    model: ResNet
+    card: dict
+    path: Path
+
+
+def load_card(path: str | Path) -> dict:
+    path = Path(path).with_suffix(".json")
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(f"model card {path} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"model card {path} is not valid JSON: {exc}") from exc
+    for key in ("arch", "class_names", "input_shape"):
+        if key not in card:
+            raise ModelError(f"model card {path} lacks {key!r}")
+    return card
+
+
+def model_from_card(card: dict) -> ResNet:
+    return create_model(card["arch"], len(card["class_names"]), card["input_shape"][0],
+                        tuple(card.get("mean", (0.5,))), tuple(card.get("std", (0.5,))))
+
+
+def load_model(name_or_path: str | Path, verify: bool = True) -> LoadedModel:
+    """Load a model by sample name (see list_sample_models) or card/weights path."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists() and (SAMPLE_MODELS / f"{path}.json").is_file():
+        path = SAMPLE_MODELS / str(name_or_path)
+    base = path.with_suffix("")
+    card = load_card(base)
+    weights = base.parent / card.get("weights_file", base.name + ".safetensors")
+    if verify and card.get("weights_sha256") and weights.is_file() and sha256_file(weights) != card["weights_sha256"]:
+        raise ModelError(f"{weights} does not match the sha256 in its card: the file was changed or damaged")
+    model = model_from_card(card)
+    load_weights(model, read_state_dict(weights), str(weights))
+    model.eval()
+    return LoadedModel(model, card, weights)
+
+
+def load_checkpoint_for(card: dict, checkpoint: str | Path) -> ResNet:
+    """Build the card's architecture and fill it from a user checkpoint."""
+    model = model_from_card(card)
+    load_weights(model, read_state_dict(checkpoint), str(checkpoint))
+    return model.eval()
+
+
+def list_sample_models() -> list[dict]:
+    cards = []
+    for p in sorted(SAMPLE_MODELS.glob("*.json")):
+        try:
+            cards.append(dict(load_card(p), name=p.stem))
+        except ModelError:
+            continue
+    return cards
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if prefer:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+ProgressFn = Callable[[float, str], None]
