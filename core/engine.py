@@ -1,0 +1,309 @@
+"""The one shared unlearning loop, the unlearned model, and its persistence."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .methods import Batch, Context, UnlearnConfig, get_method
+from .models import ResNet, load_weights, model_from_card
+from .proxy import Cancelled, make_proxy_set
+
+
+class UnlearnError(RuntimeError):
+    """An unlearning run cannot proceed; the message says why and what to do."""
+
+
+class Projector(nn.Sequential):
+    """p_w: Linear(d,d) -> BatchNorm1d -> ReLU -> Linear(d,d), between h and classify."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    @torch.no_grad()
+    def init_identity(self, feats: torch.Tensor) -> None:
+        """Start as the identity on the given (non-negative) features.
+
+        Linear = I; BatchNorm's affine and running statistics set to the features'
+        mean/std so that, in eval mode, BN(h) = h; ReLU keeps h >= 0 as it is. The
+        unlearned model then starts exactly where the original is.
+        """
+        d = feats.shape[1]
+        for lin in (self[0], self[3]):
+            lin.weight.copy_(torch.eye(d))
+            lin.bias.zero_()
+        bn: nn.BatchNorm1d = self[1]
+        mean, var = feats.mean(0), feats.var(0, unbiased=True) + bn.eps
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(var.sqrt())
+        bn.bias.copy_(mean)
+
+
+class UnlearnedModel(nn.Module):
+    """classify(p(h(x))): a backbone (ResNet or an earlier UnlearnedModel) plus an optional projector."""
+
+    def __init__(self, backbone: nn.Module, projector: Projector | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.feature_dim
+
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.features(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.backbone.features(x)
+        return h if self.projector is None else self.projector(h)
+
+    def classify(self, f: torch.Tensor) -> torch.Tensor:
+        return self.backbone.classify(f)
+
+    def classifier_weight(self) -> torch.Tensor:
+        return self.base().linear.weight
+
+    def base(self) -> ResNet:
+        """The innermost ResNet (Grad-CAM reads its last conv stage)."""
+        b = self.backbone
+        return b.base() if isinstance(b, UnlearnedModel) else b
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base().feature_map(x)
+
+    def chain(self) -> list[int | None]:
+        """Projector dims from the innermost level outwards (persisted in the card)."""
+        inner = self.backbone.chain() if isinstance(self.backbone, UnlearnedModel) else []
+        return inner + [None if self.projector is None else self.feature_dim]
+
+    def forward(self, x: torch.Tensor, method: str = "logits") -> torch.Tensor:
+        f = self.features(x)
+        return f if method == "features" else self.classify(f)
+
+
+def wrap(model: nn.Module) -> UnlearnedModel:
+    return model if isinstance(model, UnlearnedModel) and model.projector is None else UnlearnedModel(model)
+
+
+def anchor_map(d: int, e: int, seed: int = 0) -> torch.Tensor:
+    """R: identity when d = e, else a seeded Gaussian d x e matrix with unit-norm columns."""
+    if d == e:
+        return torch.eye(d)
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(d, e, generator=g)
+    return r / r.norm(dim=0, keepdim=True)
+
+
+# ------------------------------------------------------------------ callbacks
+
+
+@dataclass
+class Callbacks:
+    """How a run talks to its caller; every field is optional."""
+
+    on_progress: Callable[[float, str], None] | None = None   # fraction in [0, 1], phase message
+    on_step: Callable[[dict], None] | None = None             # one history record per update step
+    should_cancel: Callable[[], bool] | None = None
+    on_snapshot: Callable[[int, nn.Module], None] | None = None  # (step, live model in eval mode)
+    snapshot_every: int = 1
+
+    def progress(self, fraction: float, message: str) -> None:
+        if self.on_progress:
+            self.on_progress(min(max(fraction, 0.0), 1.0), message)
+
+    def check_cancel(self, where: str) -> None:
+        if self.should_cancel and self.should_cancel():
+            raise Cancelled(f"cancelled during {where}")
+
+
+@dataclass
+class Outcome:
+    model: UnlearnedModel
+    history: list[dict]
+    timings: dict[str, float]
+    stop_reason: str
+    steps: int
+    proxy: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------- loop
+
+
+@torch.no_grad()
+def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor) -> float:
+    was = model.training
+    model.eval()
+    acc = float((model(x_f).argmax(1) == y_f).float().mean() * 100)
+    model.train(was)
+    return acc
+
+
+def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Tensor, num_classes: int,
+                   config: UnlearnConfig, anchors: torch.Tensor | None = None,
+                   callbacks: Callbacks | None = None) -> Outcome:
+    """Unlearn (x_forget, y_forget) from `model` with config.method; the input model is not modified.
+
+    Phases: proxy set (PGD against the original), `prepare` (importance), then update
+    steps in passes over the proxy set (the forget set for NegGrad) until forget accuracy
+    is 0 or max_epochs passes. Cancel is checked between steps; a NaN loss stops the run.
+    """
+    config.validate()
+    cb = callbacks or Callbacks()
+    recipe = get_method(config.method)
+    device = x_forget.device
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+
+    original = copy.deepcopy(model).eval()
+    for p in original.parameters():
+        p.requires_grad_(False)
+    live = wrap(copy.deepcopy(model)).to(device)
+
+    ctx = Context(model=live, original=original, config=config)
+    ctx.state["x_forget"] = x_forget
+
+    t0 = time.perf_counter()
+    if recipe.needs_proxy:
+        cb.progress(0.0, "generating the adversarial proxy set")
+        ctx.x_adv, ctx.y_adv, _ = make_proxy_set(
+            original, x_forget, y_forget, num_classes, config.n_adv, config.eps, config.pgd_step, config.pgd_iters,
+            config.seed, on_chunk=lambda done, total: cb.progress(0.4 * done / total, f"proxy set {done}/{total}"),
+            should_cancel=cb.should_cancel)
+    timings["proxy"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if recipe.uses_projector:
+        if anchors is None:
+            raise UnlearnError("StructGuard needs semantic anchors: build an AnchorSet first")
+        d = live.feature_dim
+        ctx.anchors = anchors.to(device).float()
+        ctx.R = anchor_map(d, ctx.anchors.shape[1], config.seed).to(device)
+        projector = Projector(d).to(device)
+        if config.projector_init == "identity":
+            with torch.no_grad():
+                feats = torch.cat([original.features(ctx.x_adv[i:i + 512]) for i in range(0, len(ctx.x_adv), 512)])
+            projector.init_identity(feats)
+        live = UnlearnedModel(live.backbone, projector).to(device)
+        ctx.model = live
+    cb.check_cancel("preparation")
+    cb.progress(0.4, f"{recipe.name}: computing importance weights")
+    recipe.prepare(ctx)
+    timings["importance"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    live.train()
+    opt = recipe.optimizer(ctx)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    n_pool = len(ctx.x_adv) if recipe.needs_proxy else len(x_forget)
+    steps_per_epoch = max(1, math.ceil(n_pool / config.batch_size))
+    max_steps = config.max_epochs * steps_per_epoch
+    history: list[dict] = []
+    step, stop_reason = 0, "max_epochs"
+    f_order = torch.randperm(len(x_forget), generator=gen)
+    f_pos = 0
+    acc = _forget_accuracy(live, x_forget, y_forget)
+    if cb.on_snapshot:
+        live.eval()
+        cb.on_snapshot(0, live)
+        live.train()
+    history.append({"step": 0, "epoch": 0.0, "loss": None, "terms": {}, "forget_acc": acc})
+    if acc == 0.0:
+        stop_reason = "forgotten"
+    while stop_reason != "forgotten" and step < max_steps:
+        order = torch.randperm(n_pool, generator=gen)
+        for s in range(steps_per_epoch):
+            cb.check_cancel("the update steps")
+            rows = order[s * config.batch_size:(s + 1) * config.batch_size].to(device)
+            if recipe.needs_proxy:
+                take = min(config.batch_size, len(x_forget))
+                if f_pos + take > len(x_forget):
+                    f_order, f_pos = torch.randperm(len(x_forget), generator=gen), 0
+                f_rows = f_order[f_pos:f_pos + take].to(device)
+                f_pos += take
+                batch = Batch(x_forget[f_rows], y_forget[f_rows], ctx.x_adv[rows], ctx.y_adv[rows], rows)
+            else:
+                batch = Batch(x_forget[rows], y_forget[rows])
+            terms = recipe.losses(ctx, batch)
+            loss = torch.stack(list(terms.values())).sum()
+            if not torch.isfinite(loss):
+                bad = {k: float(v) for k, v in terms.items()}
+                raise UnlearnError(f"the loss became {float(loss)} at step {step + 1} (terms {bad}); "
+                                   "lower the learning rate or the regulariser weight and run again")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            acc = _forget_accuracy(live, x_forget, y_forget)
+            record = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
+                      "terms": {k: float(v.detach()) for k, v in terms.items()}, "forget_acc": acc}
+            history.append(record)
+            if cb.on_step:
+                cb.on_step(record)
+            if cb.on_snapshot and (step % max(cb.snapshot_every, 1) == 0 or acc == 0.0):
+                live.eval()
+                cb.on_snapshot(step, live)
+                live.train()
+            cb.progress(0.45 + 0.45 * step / max_steps, f"{recipe.name}: step {step}, forget accuracy {acc:.1f}%")
+            if acc == 0.0:
+                stop_reason = "forgotten"
+                break
+            if step >= max_steps:
+                break
+    live.eval()
+    timings["updates"] = time.perf_counter() - t0
+    proxy = (ctx.x_adv, ctx.y_adv) if recipe.needs_proxy else None
+    return Outcome(live, history, timings, stop_reason, step, proxy)
+
+
+# --------------------------------------------------------------- persistence
+
+
+def save_unlearned(model: UnlearnedModel, directory: Path, base_card: dict, extra: dict | None = None) -> dict:
+    """model.safetensors + model.json (the base card and the projector chain)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    card = {"kind": "unlearned", "base_card": base_card, "chain": model.chain(), **(extra or {})}
+    (directory / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def build_unlearned(card: dict) -> UnlearnedModel:
+    """An empty UnlearnedModel with the structure a card describes."""
+    net: nn.Module = model_from_card(card["base_card"])
+    for dim in card["chain"]:
+        net = UnlearnedModel(net, None if dim is None else Projector(dim))
+    if not isinstance(net, UnlearnedModel):
+        net = UnlearnedModel(net)
+    return net
+
+
+def load_unlearned(run_dir: str | Path) -> UnlearnedModel:
+    run_dir = Path(run_dir)
+    try:
+        card = json.loads((run_dir / "model.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise UnlearnError(f"{run_dir} has no readable model.json: {exc}") from exc
+    model = build_unlearned(card)
+    try:
+        state = load_file(str(run_dir / "model.safetensors"))
+    except Exception as exc:
+        raise UnlearnError(f"{run_dir}/model.safetensors cannot be read: {exc}") from exc
+    load_weights(model, state, str(run_dir / "model.safetensors"))
+    return model.eval()
+
+
+__all__ = ["Callbacks", "Cancelled", "Outcome", "Projector", "UnlearnError", "UnlearnedModel", "anchor_map",
+           "build_unlearned", "load_unlearned", "run_unlearning", "save_unlearned", "wrap"]

@@ -1,0 +1,122 @@
+"""Accuracy and structure-preservation metrics (DESIGN.md section 6): plain arrays in, numbers out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import Split
+from .train import to_device_format
+
+DA_ENERGY = 0.95  # dimensional alignment: the retain eigenspace holding 95% of the energy
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, split: Split, positions: torch.Tensor, batch_size: int = 1000,
+            device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features in the prediction path, backbone features, softmax probabilities) for the given rows."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    feats, backs, probs = [], [], []
+    for start in range(0, len(positions), batch_size):
+        x = to_device_format(split.images(positions[start:start + batch_size]), device)
+        back = model.backbone_features(x) if hasattr(model, "backbone_features") else model.features(x)
+        proj = getattr(model, "projector", None)
+        f = proj(back) if proj is not None else back
+        feats.append(f.float().cpu())
+        backs.append(back.float().cpu())
+        probs.append(torch.softmax(model.classify(f), 1).float().cpu())
+    model.train(was)
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return torch.cat(feats).numpy(), torch.cat(backs).numpy(), torch.cat(probs).numpy()
+
+
+def accuracy_from_probs(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(1) == labels).mean() * 100) if len(labels) else float("nan")
+
+
+def per_class_accuracy(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    pred = probs.argmax(1)
+    out: list[float | None] = []
+    for c in range(num_classes):
+        mask = labels == c
+        out.append(float((pred[mask] == c).mean() * 100) if mask.any() else None)
+    return out
+
+
+def true_class_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return probs[np.arange(len(labels)), labels].astype(np.float32)
+
+
+# ------------------------------------------------------------------ structure
+
+
+def affinity_matrix(features: np.ndarray, R: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """S = norm(f R) A^T, as in the method."""
+    z = features @ R
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return (z @ anchors.T).astype(np.float32)
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine between matching rows of a and b."""
+    num = (a * b).sum(1)
+    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return num / den
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA (Kornblith et al., 2019) between two feature matrices of the same samples."""
+    x = x - x.mean(0, keepdims=True)
+    y = y - y.mean(0, keepdims=True)
+    xty = np.linalg.norm(x.T.astype(np.float64) @ y, "fro") ** 2
+    den = np.linalg.norm(x.T.astype(np.float64) @ x, "fro") * np.linalg.norm(y.T.astype(np.float64) @ y, "fro")
+    return float(xty / den) if den > 0 else float("nan")
+
+
+def knn_overlap(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
+    """Mean share of each sample's k cosine nearest neighbours kept between x and y."""
+    n = len(x)
+    if n <= k:
+        k = n - 1
+    if k < 1:
+        return float("nan")
+
+    def neighbours(f: np.ndarray) -> np.ndarray:
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        sim = f @ f.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argpartition(-sim, k, axis=1)[:, :k]
+
+    a, b = neighbours(x), neighbours(y)
+    return float(np.mean([len(np.intersect1d(a[i], b[i])) / k for i in range(n)]))
+
+
+def dimensional_alignment(forget: np.ndarray, retain: np.ndarray, energy: float = DA_ENERGY) -> float:
+    """Share of the forget features' energy inside the top eigenspace of the retain features.
+
+    The eigenspace is the smallest set of leading eigenvectors of the (uncentred) retain
+    second-moment matrix that holds `energy` of its trace (Seo et al., 2024).
+    """
+    if len(forget) == 0 or len(retain) == 0:
+        return float("nan")
+    cov = retain.T.astype(np.float64) @ retain / len(retain)
+    vals, vecs = np.linalg.eigh(cov)
+    vals, vecs = vals[::-1], vecs[:, ::-1]
+    m = int(np.searchsorted(np.cumsum(vals) / max(vals.sum(), 1e-12), energy) + 1)
+    top = vecs[:, :m]
+    proj = forget.astype(np.float64) @ top
+    return float((proj**2).sum() / max((forget.astype(np.float64) ** 2).sum(), 1e-12))
+
+
+def structure_scores(before: np.ndarray, after: np.ndarray, aff_before: np.ndarray, aff_after: np.ndarray,
+                     k: int = 10) -> dict[str, float]:
+    """Affinity row cosine, linear CKA and kNN overlap between original and unlearned features."""
+    return {
+        "affinity_cosine": float(np.mean(row_cosine(aff_before, aff_after))) if len(aff_before) else float("nan"),
+        "cka": linear_cka(before, after),
+        "knn_overlap": knn_overlap(before, after, k),
+    }
