@@ -42,10 +42,10 @@ class Projector(nn.Sequential):
             lin.weight.copy_(torch.eye(d))
             lin.bias.zero_()
         bn: nn.BatchNorm1d = self[1]
-        mean, var = feats.mean(0), feats.var(0, unbiased=True) + bn.eps
+        mean, var = feats.mean(0), feats.var(0, unbiased=True)
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-        bn.weight.copy_(var.sqrt())
+        bn.weight.copy_((var + bn.eps).sqrt())  # BN divides by sqrt(running_var + eps): undo exactly that
         bn.bias.copy_(mean)
 
 

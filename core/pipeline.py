@@ -121,14 +121,33 @@ def _hash_positions(t: torch.Tensor) -> str:
 _BEFORE_CACHE: dict[tuple, tuple] = {}
 
 
-def _outputs_cached(key: str, model: torch.nn.Module, split, positions: torch.Tensor) -> tuple:
-    """Outputs of a model that does not change (the original) are cached per process."""
-    k = (key, id(split), _hash_positions(positions))
-    if k not in _BEFORE_CACHE:
-        if len(_BEFORE_CACHE) > 16:
-            _BEFORE_CACHE.clear()
-        _BEFORE_CACHE[k] = outputs(model, split, positions)
-    return _BEFORE_CACHE[k]
+def _outputs_cached(key: str, model: torch.nn.Module, split, positions: torch.Tensor,
+                    cache_dir: Path | None = None) -> tuple:
+    """Outputs of the ORIGINAL model never change, so they are cached in memory and on disk
+    (keyed by the weights' hash or parent run, the split and the exact rows)."""
+    name = hashlib.sha1(f"{key}|{len(split)}|{_hash_positions(split.ids)}|{_hash_positions(positions)}".encode())
+    k = name.hexdigest()[:24]
+    if k in _BEFORE_CACHE:
+        return _BEFORE_CACHE[k]
+    path = cache_dir / f"original-{k}.npz" if cache_dir else None
+    result = None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                result = (z["feats"], z["backbone"], z["probs"])
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            result = None
+    if result is None:
+        result = outputs(model, split, positions)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, feats=result[0], backbone=result[1], probs=result[2])
+            tmp.replace(path)
+    if len(_BEFORE_CACHE) > 16:
+        _BEFORE_CACHE.clear()
+    _BEFORE_CACHE[k] = result
+    return result
 
 
 def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path:
@@ -200,10 +219,11 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cb.progress(0.02, "measuring the original model")
-    before_r = _outputs_cached(model_key, model, ds.train, r_pos)
-    before_t = _outputs_cached(model_key, model, ds.test, t_pos)
-    before_ar = _outputs_cached(model_key, model, ds.train, a_ret)
-    before_at = _outputs_cached(model_key, model, ds.test, a_test)
+    cache = runs.runs_root(request.runs_root) / ".cache"
+    before_r = _outputs_cached(model_key + "|train", model, ds.train, r_pos, cache)
+    before_t = _outputs_cached(model_key + "|test", model, ds.test, t_pos, cache)
+    before_ar = _outputs_cached(model_key + "|train", model, ds.train, a_ret, cache)
+    before_at = _outputs_cached(model_key + "|test", model, ds.test, a_test, cache)
     with torch.no_grad():
         before_f = _forget_outputs(model, x_forget)
     timings["evaluation_before"] = time.perf_counter() - t0
