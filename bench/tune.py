@@ -57,8 +57,9 @@ def main() -> int:
                     cfg = {"lr": lr} if eps is None else {"lr": lr, "eps": eps, "pgd_step": eps / 4}
                     if method == "structguard":
                         cfg["projector_lr"] = round(lr * PROJECTOR_RATIO, 6)
-                    run = execute_run(RunRequest(forget_ids=ids, method=method, config=cfg, seed=seed,
-                                                 encoder=args.encoder, runs_root=tmp, audit_per_class=5))
+                    request = RunRequest(forget_ids=ids, method=method, config=cfg, seed=seed,
+                                         encoder=args.encoder, runs_root=tmp, audit_per_class=5)
+                    run = execute_run(request)
                     meta = json.loads((run / "run.json").read_text())
                     after = meta["metrics"]["after"]
                     res.append((after["forget_acc"], after["retain_acc"], meta["steps"], meta["timings"]["total"]))
@@ -71,7 +72,8 @@ def main() -> int:
     lines = [f"Command: `python bench/tune.py {' '.join(sys.argv[1:])}` ({time.time() - t0:.0f} s)", "",
              f"Forget sets: k={args.k}, random training ids drawn with seeds {seeds} (the benchmark uses 0, 1, 2).",
              "Criterion: forget completely (A_f = 0), then the highest A_r on the fixed retain subset "
-             "(training images, 5,000). The test set is not read. pgd_step = eps / 4; StructGuard's projector lr = 1.8 x lr (the authors' ratio).", "",
+             "(training images, 5,000). The test set is not read. pgd_step = eps / 4; "
+             "StructGuard's projector lr = 1.8 x lr (the authors' ratio).", "",
              "| method | lr | eps | A_f | A_r | steps | seconds | chosen |", "|---|---|---|---|---|---|---|---|"]
     for method in args.methods.split(","):
         mine = [r for r in rows if r["method"] == method]

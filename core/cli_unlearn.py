@@ -144,8 +144,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     print(f"structure: affinity cosine {row['structure_score']:.4f}, CKA {row['cka']:.4f}, "
           f"10-NN overlap {row['knn_overlap']:.4f}; dimensional alignment {row['dim_alignment']:.4f}")
     t = row["timings"]
+    evaluation = t.get("evaluation_before", 0) + t.get("evaluation", 0)
     print(f"time {row['seconds']:.1f} s (proxy {t.get('proxy', 0):.1f}, importance {t.get('importance', 0):.1f}, "
-          f"updates {t.get('updates', 0):.1f}, evaluation {t.get('evaluation_before', 0) + t.get('evaluation', 0):.1f}); "
+          f"updates {t.get('updates', 0):.1f}, evaluation {evaluation:.1f}); "
           f"{row['steps']} steps, stop: {row['stop_reason']}; peak RSS {row['peak_rss_mb']:.0f} MB")
     print(f"saved {run_dir}")
     return 0
@@ -187,8 +188,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 run_dir = execute_run(request)
                 row = result_row(run_dir)
                 rows.append(row)
-                tqdm.write(f"{method:12} k={k:<4} seed={seed} A_f {row['forget_acc']:6.2f} A_r {row['retain_acc']:6.2f} "
-                           f"A_test {row['test_acc']:6.2f} struct {row['structure_score']:.3f} {row['seconds']:.0f}s")
+                tqdm.write(f"{method:12} k={k:<4} seed={seed} A_f {row['forget_acc']:6.2f} "
+                           f"A_r {row['retain_acc']:6.2f} A_test {row['test_acc']:6.2f} "
+                           f"struct {row['structure_score']:.3f} {row['seconds']:.0f}s")
                 if args.jsonl:
                     with open(args.jsonl, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
@@ -198,9 +200,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         group = [r for r in rows if r["k"] == k]
         orig = group[0]["before"] if group else None
         if orig:
-            lines.append(f"| {k} | original | {_fmt([r['before']['forget_acc'] for r in group if r['method'] == methods[0]])} | "
-                         f"{_fmt([r['before']['retain_acc'] for r in group if r['method'] == methods[0]])} | "
-                         f"{_fmt([r['before']['test_acc'] for r in group if r['method'] == methods[0]])} | 1 | 1 | 1 | | | |")
+            first = [r["before"] for r in group if r["method"] == methods[0]]
+            acc = [_fmt([b[c] for b in first]) for c in ("forget_acc", "retain_acc", "test_acc")]
+            lines.append(f"| {k} | original | {acc[0]} | {acc[1]} | {acc[2]} | 1 | 1 | 1 | | | |")
         for method in methods:
             rs = [r for r in group if r["method"] == method]
             lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(

@@ -63,6 +63,7 @@ def make_proxy_set(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     source = torch.arange(len(x_forget)).repeat_interleave(n_adv)
     targets = random_targets(y_forget.cpu()[source], num_classes, gen)
     was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -77,8 +78,8 @@ def make_proxy_set(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             if on_chunk:
                 on_chunk(min(start + chunk, len(source)), len(source))
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
         model.train(was_training)
     x_adv = torch.cat(out) if out else x_forget[:0]
     return x_adv.contiguous(memory_format=torch.channels_last), targets.to(device), source
