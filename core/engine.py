@@ -142,12 +142,16 @@ class Outcome:
 
 
 @torch.no_grad()
-def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor) -> float:
+def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor, step: int = 0) -> float:
     was = model.training
     model.eval()
-    acc = float((model(x_f).argmax(1) == y_f).float().mean() * 100)
+    logits = model(x_f)
     model.train(was)
-    return acc
+    if not torch.isfinite(logits).all():  # NaN logits would otherwise count as "forgotten"
+        when = f"after step {step}" if step else "before any update"
+        raise UnlearnError(f"the model's outputs on the forget set are not finite {when} (weights or BatchNorm "
+                           "statistics diverged); lower the learning rate and run again")
+    return float((logits.argmax(1) == y_f).float().mean() * 100)
 
 
 def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Tensor, num_classes: int,
@@ -238,14 +242,14 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             terms = recipe.losses(ctx, batch)
             loss = torch.stack(list(terms.values())).sum()
             if not torch.isfinite(loss):
-                bad = {k: float(v) for k, v in terms.items()}
-                raise UnlearnError(f"the loss became {float(loss)} at step {step + 1} (terms {bad}); "
+                bad = {k: float(v.detach()) for k, v in terms.items()}
+                raise UnlearnError(f"the loss became {float(loss.detach())} at step {step + 1} (terms {bad}); "
                                    "lower the learning rate or the regulariser weight and run again")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            acc = _forget_accuracy(live, x_forget, y_forget)
+            acc = _forget_accuracy(live, x_forget, y_forget, step)
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
                       "terms": {k: float(v.detach()) for k, v in terms.items()}, "forget_acc": acc}
             history.append(record)

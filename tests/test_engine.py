@@ -1,0 +1,830 @@
+"""The unlearning engine for real: proxy set, the four methods over the shared loop, importance
+weights, cancel and NaN guards, request validation, run records, lineage, the CLI, and metrics.
+
+Everything runs on the shipped sample model and real Fashion-MNIST images with small settings
+(a few PGD steps, a few adversarial variants, a few epochs) so the file stays fast on a 2-core
+CPU. Nothing is mocked. In-process runs use the first 3,000 training and 1,000 test images of
+Fashion-MNIST, written as IDX files and loaded through the ordinary `data_dir` path (ids stay
+those of the full splits); the CLI test runs the real command on the full data set. Runs go to
+temporary folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core import runs
+from core.anchors import AnchorError, build_anchor_set, load_anchor_texts
+from core.cli_unlearn import random_forget_ids
+from core.data import IDX_FILES
+from core.encoders import get_encoder
+from core.engine import (Callbacks, Projector, UnlearnedModel, UnlearnError, anchor_map, load_unlearned,
+                         run_unlearning, wrap)
+from core.methods import (METHODS, Context, L2UL, StructGuard, UnlearnConfig, affinity, default_config,
+                          per_sample_abs_grad_mean)
+from core.metrics import affinity_matrix, dimensional_alignment, knn_overlap, linear_cka, row_cosine
+from core.pipeline import RunRequest, cached_dataset, execute_run
+from core.proxy import Cancelled, make_proxy_set, random_targets
+from core.train import prepare_model, to_device_format
+
+# execute_run reads the full 10k test set twice per run; a pool of CPU-bound runs on a shared 2-core
+# machine can exceed the suite's default 300 s, so this file allows more before calling a test hung.
+pytestmark = pytest.mark.timeout(900)
+
+CPU = torch.device("cpu")
+N_TRAIN, N_TEST = 3000, 1000
+# Small settings for whole runs through execute_run (the brief's "fast" request).
+SMALL = {"pgd_iters": 3, "n_adv": 2, "max_epochs": 3}
+FAST_REQUEST = dict(retain_eval=200, audit_per_class=5, encoder="minilm")
+TERMS = {
+    "neggrad": {"del"},
+    "adv": {"del", "ret"},
+    "l2ul": {"del", "ret", "reg"},
+    "structguard": {"del", "ret", "align", "reg", "cr"},
+}
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    """The first N_TRAIN / N_TEST real Fashion-MNIST images as IDX files (so ids equal the full splits')."""
+    full = cached_dataset("fashion-mnist", None)
+    root = tmp_path_factory.mktemp("fmnist_small")
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        part = getattr(full, split)
+        assert part.ids[:n].tolist() == list(range(n))
+        images = part.pixels[:n, 0].numpy().astype(np.uint8)
+        labels = part.labels[:n].numpy().astype(np.uint8)
+        for stem, arr in zip(IDX_FILES[split], (images, labels)):
+            (root / f"{stem}.gz").write_bytes(gzip.compress(_idx_bytes(arr), compresslevel=1))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def ds(data_dir):
+    """The dataset execute_run itself uses for these requests (the pipeline's cache: read once)."""
+    ds = cached_dataset("fashion-mnist", data_dir)
+    assert (len(ds.train), len(ds.test)) == (N_TRAIN, N_TEST) and ds.source_kind == "path"
+    return ds
+
+
+@pytest.fixture(scope="module")
+def model(sample_model):
+    """A private copy of the trained sample model, channels_last, eval mode (as the pipeline prepares it)."""
+    return prepare_model(copy.deepcopy(sample_model.model), CPU).eval()
+
+
+@pytest.fixture(scope="module")
+def forget(ds, data_dir):
+    """k=8 random training images (the CLI's protocol, seed 0): (ids, x, y)."""
+    ids = random_forget_ids("fashion-mnist", data_dir, 8, 0)
+    pos = ds.train.positions(ids)
+    return ids, to_device_format(ds.train.images(pos), CPU), ds.train.labels[pos].clone()
+
+
+@pytest.fixture(scope="module")
+def anchors(ds):
+    texts = load_anchor_texts("fashion-mnist", ds.class_names)
+    return build_anchor_set(texts, ds.class_names, get_encoder("minilm"))
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def sg_run(sample_model, runs_dir, forget, data_dir):
+    """One complete StructGuard run (k=8, small settings), shared by the run-record tests."""
+    steps: list[dict] = []
+    progress: list[float] = []
+    path = execute_run(_request(forget[0], "structguard", runs_dir, data_dir=data_dir),
+                       Callbacks(on_step=steps.append, on_progress=lambda f, m: progress.append(f)))
+    return path, steps, progress
+
+
+def _request(ids, method: str, root: Path, config: dict | None = None, **kw) -> RunRequest:
+    """A small request; pass data_dir=... for the subset (the default is the full data set)."""
+    return RunRequest(forget_ids=list(ids), method=method, runs_root=str(root), config=dict(config or SMALL),
+                      **FAST_REQUEST, **kw)
+
+
+def _config(method: str, **overrides) -> UnlearnConfig:
+    base = dict(pgd_iters=5, n_adv=4, max_epochs=2, seed=0)
+    base.update(overrides)
+    return default_config(method, "fashion-mnist", **base)
+
+
+def _state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not changed, f"tensors changed: {changed[:5]}"
+
+
+def _nothing_saved(root: Path) -> None:
+    """No run (complete or damaged) and no partial directory; the original-model cache may stay."""
+    assert runs.list_runs(root) == []
+    leftovers = [p.name for p in root.iterdir() if p.name != ".cache"] if root.exists() else []
+    assert leftovers == [], f"left behind: {leftovers}"
+
+
+# ------------------------------------------------------------------ proxy set
+
+
+def test_random_targets_never_equal_label_and_cover_other_classes():
+    labels = torch.arange(10).repeat_interleave(500)
+    targets = random_targets(labels, 10, torch.Generator().manual_seed(0))
+    assert (targets != labels).all()
+    assert targets.min() >= 0 and targets.max() <= 9
+    for c in range(10):
+        hit = set(targets[labels == c].tolist())
+        assert hit == set(range(10)) - {c}, f"class {c} targets {sorted(hit)}"
+        # uniform over the other 9 classes: 500 draws, expected 55.6 each
+        counts = torch.bincount(targets[labels == c], minlength=10)
+        assert counts[c] == 0 and counts.max() < 100 and counts[counts > 0].min() > 25
+
+
+def test_proxy_set_targets_bounds_and_reproducibility(model, forget):
+    _, x, y = forget
+    eps = 1.5
+    xa, ya, src = make_proxy_set(model, x, y, 10, n_adv=3, eps=eps, step=0.2, iters=4, seed=7)
+    assert xa.shape == (len(x) * 3, *x.shape[1:]) and ya.shape == (len(x) * 3,) and src.shape == (len(x) * 3,)
+    assert torch.equal(src, torch.arange(len(x)).repeat_interleave(3))
+    assert (ya != y[src]).all(), "an attack target equals the true label"
+    assert xa.min() >= 0 and xa.max() <= 1
+    dist = (xa - x[src]).flatten(1).norm(dim=1)
+    assert (dist <= eps + 1e-4).all(), f"perturbation outside the L2 ball: max {dist.max():.4f}"
+    assert (dist > 0).all()
+
+    xb, yb, _ = make_proxy_set(model, x, y, 10, n_adv=3, eps=eps, step=0.2, iters=4, seed=7)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    xc, yc, _ = make_proxy_set(model, x, y, 10, n_adv=3, eps=eps, step=0.2, iters=4, seed=8)
+    assert not torch.equal(xa, xc)
+    assert not torch.equal(ya, yc)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_proxy_set_leaves_original_model_unchanged(model, forget, training):
+    _, x, y = forget
+    m = copy.deepcopy(model).train(training)
+    m.layer4.requires_grad_(False)  # a partly frozen model keeps its flags
+    flags = [p.requires_grad for p in m.parameters()]
+    before = _state(m)
+    make_proxy_set(m, x, y, 10, n_adv=2, eps=1.5, step=0.2, iters=2, seed=0)
+    _assert_same_state(before, _state(m))  # parameters and BatchNorm running statistics
+    assert m.training is training
+    assert all(mod.training is training for mod in m.modules())
+    assert [p.requires_grad for p in m.parameters()] == flags
+
+
+def test_proxy_attack_moves_predictions_to_targets(model, ds):
+    # 24 correctly classified training images; the Fashion-MNIST StructGuard budget (eps 1.5, 10 steps).
+    pos = torch.arange(0, 60)
+    x = to_device_format(ds.train.images(pos), CPU)
+    y = ds.train.labels[pos]
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    x, y = x[ok][:24], y[ok][:24]
+    xa, ya, _ = make_proxy_set(model, x, y, 10, n_adv=2, eps=1.5, step=0.3, iters=10, seed=0)
+    with torch.no_grad():
+        hit = (model(xa).argmax(1) == ya).float().mean().item()
+        clean_hit = (model(x.repeat_interleave(2, 0)).argmax(1) == ya).float().mean().item()
+    assert clean_hit < 0.1
+    assert hit > 0.5, f"targeted success {hit:.2f} is not well above chance (0.11)"
+
+
+# ------------------------------------------------------------ methods + loop
+
+
+def test_neggrad_forgets_to_zero(model, forget):
+    _, x, y = forget
+    before = _state(model)
+    steps = []
+    out = run_unlearning(model, x, y, 10, _config("neggrad", lr=0.01, max_epochs=60), callbacks=Callbacks(
+        on_step=steps.append))
+    assert out.stop_reason == "forgotten"
+    assert out.history[-1]["forget_acc"] == 0.0
+    assert out.history[0]["step"] == 0 and out.history[0]["forget_acc"] > 50  # the trained model knew them
+    with torch.no_grad():
+        assert (out.model(x).argmax(1) != y).all()
+    assert steps == out.history[1:] and out.steps == len(steps) >= 1
+    for rec in out.history[1:]:
+        assert set(rec["terms"]) == {"del"}
+        assert rec["loss"] == pytest.approx(sum(rec["terms"].values()), rel=1e-5, abs=1e-6)
+    _assert_same_state(before, _state(model))
+    assert not model.training
+
+
+@pytest.mark.parametrize("method", ["adv", "l2ul", "structguard"])
+def test_methods_record_their_loss_terms(method, model, forget, anchors):
+    _, x, y = forget
+    before = _state(model)
+    cfg = _config(method, lr=1e-4, projector_lr=1e-4)  # small steps: the run lasts its max_epochs
+    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)
+    assert out.steps >= 1 and len(out.history) == out.steps + 1
+    for rec in out.history[1:]:
+        assert set(rec["terms"]) == TERMS[method], rec["terms"]
+        assert all(math.isfinite(v) for v in rec["terms"].values())
+        assert rec["loss"] == pytest.approx(sum(rec["terms"].values()), rel=1e-5, abs=1e-6)
+    assert out.history[1]["terms"]["del"] < 0 and out.history[1]["terms"]["ret"] > 0
+    if method == "l2ul":
+        assert out.history[1]["terms"]["reg"] == pytest.approx(0.0, abs=1e-12)  # theta == theta_0 at step 1
+    # the proxy set is attacked against the ORIGINAL model (not a previously unlearned one)
+    xa, ya, _ = make_proxy_set(model, x, y, 10, cfg.n_adv, cfg.eps, cfg.pgd_step, cfg.pgd_iters, cfg.seed)
+    assert torch.equal(out.proxy[0], xa) and torch.equal(out.proxy[1], ya)
+    _assert_same_state(before, _state(model))
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert isinstance(out.model, UnlearnedModel) and not out.model.training
+    assert (out.model.projector is not None) is (method == "structguard")
+
+
+@pytest.mark.parametrize("switches,absent", [
+    ({"sa": False}, {"align"}),
+    ({"sr": False}, {"reg"}),
+    ({"cr": False}, {"cr"}),
+    ({"sa": False, "sr": False, "cr": False}, {"align", "reg", "cr"}),
+])
+def test_structguard_ablation_switches_remove_terms(switches, absent, model, forget, anchors):
+    _, x, y = forget
+    cfg = _config("structguard", max_epochs=1, pgd_iters=2, n_adv=2, lr=1e-4, projector_lr=1e-4, **switches)
+    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)
+    assert out.steps >= 1
+    for rec in out.history[1:]:
+        assert set(rec["terms"]) == TERMS["structguard"] - absent
+
+
+def test_structguard_projector_in_prediction_path_and_identity_start(model, forget, anchors):
+    _, x, y = forget
+    at_start: dict[str, torch.Tensor] = {}
+
+    def snap(step: int, live: torch.nn.Module) -> None:
+        if step == 0:
+            assert not live.training
+            with torch.no_grad():
+                at_start["logits"] = live(x)
+                at_start["feats"] = live.features(x)
+
+    cfg = _config("structguard", max_epochs=3, lr=0.02, projector_lr=0.02)
+    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix, Callbacks(on_snapshot=snap))
+    with torch.no_grad():
+        orig_logits, orig_feats = model(x), model.features(x)
+    # identity projector: the unlearned model starts exactly at the original
+    torch.testing.assert_close(at_start["feats"], orig_feats, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(at_start["logits"], orig_logits, rtol=1e-4, atol=1e-4)
+    assert out.history[0]["forget_acc"] == pytest.approx(float((orig_logits.argmax(1) == y).float().mean() * 100))
+
+    um = out.model
+    assert isinstance(um.projector, Projector)
+    assert not um.training
+    with torch.no_grad():
+        via_parts = um.classify(um.projector(um.backbone_features(x)))
+        torch.testing.assert_close(um(x), via_parts)
+        torch.testing.assert_close(um.features(x), um.projector(um.backbone_features(x)))
+        # the projector is not a no-op after the updates: bypassing it changes the logits
+        assert not torch.allclose(um(x), um.classify(um.backbone_features(x)))
+    assert um.chain() == [um.feature_dim]
+
+
+def test_random_projector_init_is_recorded_and_differs(model, forget, anchors):
+    _, x, y = forget
+    cfg = _config("structguard", projector_init="random", max_epochs=1, pgd_iters=2, n_adv=2, sr=False)
+    seen = {}
+    run_unlearning(model, x, y, 10, cfg, anchors.matrix,
+                   Callbacks(on_snapshot=lambda s, m: seen.setdefault(s, m(x).detach().clone())))
+    with torch.no_grad():
+        assert not torch.allclose(seen[0], model(x), atol=1e-3)
+
+
+def test_structguard_without_anchors_is_refused(model, forget):
+    _, x, y = forget
+    with pytest.raises(UnlearnError, match="anchors"):
+        run_unlearning(model, x, y, 10, _config("structguard", max_epochs=1, pgd_iters=1, n_adv=1), None)
+
+
+# ------------------------------------------------------------------ importance
+
+
+def _bn_buffers(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.named_buffers()}
+
+
+def test_per_sample_importance_matches_a_plain_autograd_loop(model, forget):
+    _, x, _ = forget
+    m = copy.deepcopy(model).eval()
+    x3 = x[:3]
+
+    def loss_one(params, xi, _):
+        return torch.func.functional_call(m, params, (xi.unsqueeze(0),)).norm(p=2)
+
+    got = per_sample_abs_grad_mean(m, loss_one, x3, x3, chunk=2)
+    want = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
+    for i in range(3):
+        m.zero_grad()
+        m(x3[i:i + 1]).norm(p=2).backward()
+        for k, p in m.named_parameters():
+            want[k] += p.grad.abs() / 3
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-6)
+
+
+def test_l2ul_mas_weights(model, forget):
+    _, x, y = forget
+    live = wrap(copy.deepcopy(model))
+    live.train()  # as the loop would find it; importance must still not touch BN statistics
+    buffers = _bn_buffers(live)
+    ctx = Context(model=live, original=copy.deepcopy(model).eval(), config=_config("l2ul"))
+    ctx.state["x_forget"] = x
+    L2UL().prepare(ctx)
+    _assert_same_state(buffers, _bn_buffers(live))
+    weights, params = ctx.state["weights"], dict(live.named_parameters())
+    assert weights.keys() == params.keys()
+    varied = 0
+    for k, w in weights.items():
+        assert w.shape == params[k].shape, k
+        assert torch.isfinite(w).all(), k
+        assert w.min() >= 0 and w.max() <= 1, k
+        if w.numel() > 1 and w.max() - w.min() > 0:
+            varied += 1
+            assert w.min() == pytest.approx(0.0, abs=1e-6) and w.max() == pytest.approx(1.0, abs=1e-6), k
+    assert varied > len(weights) // 2
+    for k, ref in ctx.state["reference"].items():
+        assert torch.equal(ref, params[k].detach())
+
+
+def test_structguard_sr_importance(model, forget, anchors):
+    _, x, y = forget
+    cfg = _config("structguard", n_adv=2, pgd_iters=2)
+    original = copy.deepcopy(model).eval()
+    xa, ya, _ = make_proxy_set(original, x, y, 10, cfg.n_adv, cfg.eps, cfg.pgd_step, cfg.pgd_iters, cfg.seed)
+    A = anchors.matrix
+    R = anchor_map(model.feature_dim, A.shape[1], 0)
+    projector = Projector(model.feature_dim)
+    with torch.no_grad():
+        projector.init_identity(original.features(xa))
+    live = UnlearnedModel(copy.deepcopy(model), projector)
+    live.train()
+    buffers = _bn_buffers(live)
+    ctx = Context(model=live, original=original, config=cfg, x_adv=xa, y_adv=ya, anchors=A, R=R)
+    StructGuard().prepare(ctx)
+    _assert_same_state(buffers, _bn_buffers(live))
+    weights, params = ctx.state["weights"], dict(live.backbone.named_parameters())
+    assert weights.keys() == params.keys()
+    for k, w in weights.items():
+        assert w.shape == params[k].shape and torch.isfinite(w).all() and (w >= 0).all(), k
+    assert sum(float(w.sum()) for w in weights.values()) > 0
+    # S_ori is the original structure of the proxy set
+    with torch.no_grad():
+        torch.testing.assert_close(ctx.state["s_ori"], affinity(original.features(xa), R, A))
+
+
+# --------------------------------------------------------- cancel and NaN guard
+
+
+def test_cancel_after_n_steps_raises(model, forget):
+    _, x, y = forget
+    steps: list[dict] = []
+    cb = Callbacks(on_step=steps.append, should_cancel=lambda: len(steps) >= 2)
+    cfg = _config("adv", lr=1e-5, max_epochs=20, batch_size=4, n_adv=2, pgd_iters=2)
+    with pytest.raises(Cancelled):
+        run_unlearning(model, x, y, 10, cfg, callbacks=cb)
+    assert len(steps) == 2
+
+
+def test_cancel_during_proxy_generation(model, forget):
+    _, x, y = forget
+    with pytest.raises(Cancelled, match="proxy"):
+        make_proxy_set(model, x, y, 10, n_adv=2, eps=1.0, step=0.1, iters=1, seed=0, should_cancel=lambda: True)
+
+
+def test_cancelled_run_leaves_nothing(sample_model, forget, tmp_path, data_dir):
+    root = tmp_path / "runs"
+    steps: list[dict] = []
+    req = _request(forget[0], "adv", root, config=dict(SMALL, lr=1e-5, batch_size=4, max_epochs=10),
+                   data_dir=data_dir)
+    with pytest.raises(Cancelled):
+        execute_run(req, Callbacks(on_step=steps.append, should_cancel=lambda: len(steps) >= 1))
+    assert len(steps) == 1
+    _nothing_saved(root)
+
+
+def test_cancel_while_saving_removes_the_partial_directory(sample_model, forget, tmp_path, data_dir):
+    root = tmp_path / "runs"
+    root.mkdir()
+    # fires only once the partial directory exists, i.e. at the last cancel point before completion
+    with pytest.raises(Cancelled):
+        execute_run(_request(forget[0], "neggrad", root, config={"max_epochs": 1}, data_dir=data_dir),
+                    Callbacks(should_cancel=lambda: any(root.glob(".*.partial"))))
+    _nothing_saved(root)
+
+
+def test_non_finite_loss_is_reported_with_its_step(model, forget):
+    _, x, y = forget
+    # lam = inf: the regulariser is inf * 0 = nan at the very first step
+    with pytest.raises(UnlearnError, match=r"step 1\b") as info:
+        run_unlearning(model, x, y, 10, _config("l2ul", lam=float("inf")))
+    assert "nan" in str(info.value).lower() and "reg" in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["neggrad", "structguard"])
+def test_huge_learning_rate_is_caught(method, model, forget, anchors):
+    # lr 1e6 blows the weights / BatchNorm statistics up in one step: NaN outputs must not pass as "forgotten"
+    _, x, y = forget
+    cfg = _config(method, lr=1e6, projector_lr=1e6, max_epochs=20, batch_size=4, n_adv=2, pgd_iters=2)
+    with pytest.raises(UnlearnError, match=r"step \d+") as info:
+        run_unlearning(model, x, y, 10, cfg, anchors.matrix)
+    assert "learning rate" in str(info.value)
+
+
+def test_diverged_run_saves_nothing(sample_model, forget, tmp_path, data_dir):
+    root = tmp_path / "runs"
+    with pytest.raises(UnlearnError, match=r"step \d+"):
+        execute_run(_request(forget[0], "adv", root, config=dict(SMALL, lr=1e6), data_dir=data_dir))
+    _nothing_saved(root)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("ids,match", [
+    ([], "empty"),
+    ([5, 7, 5], "repeats"),
+    ([-1], "not training images"),
+    ([10**9], "not training images"),
+    (["seven"], "integers"),
+])
+def test_bad_forget_ids_are_refused(sample_model, tmp_path, data_dir, ids, match):
+    root = tmp_path / "runs"
+    with pytest.raises(UnlearnError, match=match):
+        execute_run(_request(ids, "neggrad", root, data_dir=data_dir))
+    _nothing_saved(root)
+
+
+def test_k_out_of_range(ds, data_dir):
+    with pytest.raises(UnlearnError, match="larger than the training set"):
+        random_forget_ids("fashion-mnist", data_dir, len(ds.train) + 1, 0)
+    with pytest.raises(UnlearnError, match="at least 1"):
+        random_forget_ids("fashion-mnist", data_dir, 0, 0)
+    assert sorted(random_forget_ids("fashion-mnist", data_dir, len(ds.train), 0)) == ds.train.ids.tolist()
+    a = random_forget_ids("fashion-mnist", data_dir, 16, 3)
+    assert a == random_forget_ids("fashion-mnist", data_dir, 16, 3) and len(set(a)) == 16
+    assert set(a) <= set(ds.train.ids.tolist())
+    assert a != random_forget_ids("fashion-mnist", data_dir, 16, 4)
+
+
+def test_unknown_method_is_refused(sample_model, forget, tmp_path, data_dir):
+    root = tmp_path / "runs"
+    with pytest.raises(ValueError, match="unknown method"):
+        execute_run(_request(forget[0], "forgetful", root, data_dir=data_dir))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        UnlearnConfig.from_dict({"method": "adv", "learning_rate": 1})
+    _nothing_saved(root)
+
+
+def test_anchor_texts_missing_a_class_are_refused(sample_model, forget, ds, tmp_path, data_dir):
+    root = tmp_path / "runs"
+    texts = load_anchor_texts("fashion-mnist", ds.class_names)
+    texts.pop(ds.class_names[3])
+    with pytest.raises(AnchorError, match=ds.class_names[3]):
+        execute_run(_request(forget[0], "neggrad", root, anchor_texts=texts, data_dir=data_dir))
+    _nothing_saved(root)
+
+
+# ------------------------------------------------------------------ run records
+
+
+def test_run_json_records_everything(sg_run, forget, ds):
+    path, steps, progress = sg_run
+    assert path.parent.name and not path.name.startswith(".")
+    meta = json.loads((path / "run.json").read_text())
+    for key in ("run_id", "status", "created", "method", "config", "seed", "parent_run", "dataset", "model",
+                "forget_ids", "anchors", "code_version", "environment", "metrics", "timings", "peak_rss_mb",
+                "device", "history", "stop_reason"):
+        assert key in meta, key
+    assert meta["status"] == "complete" and meta["run_id"] == path.name and meta["method"] == "structguard"
+    assert meta["parent_run"] is None and meta["seed"] == 0
+    cfg = UnlearnConfig.from_dict(meta["config"])  # round-trips into the typed config
+    assert cfg.method == "structguard" and cfg.pgd_iters == 3 and cfg.n_adv == 2 and cfg.max_epochs == 3
+    assert meta["forget_ids"] == forget[0]
+    assert meta["model"]["name"] == "fmnist_resnet18_narrow"
+    assert len(meta["model"]["card_sha256"]) == 64 and meta["model"]["weights_sha256"]
+    assert meta["anchors"]["encoder"] == "minilm" and len(meta["anchors"]["hash"]) == 64
+    assert set(meta["anchors"]["texts"]) == set(ds.class_names)
+    assert meta["anchors"]["texts"] == load_anchor_texts("fashion-mnist", ds.class_names)
+    assert meta["code_version"]
+    assert {"python", "torch", "device", "platform"} <= set(meta["environment"])
+    assert meta["stop_reason"] in ("forgotten", "max_epochs")
+    for phase in ("proxy", "importance", "updates", "evaluation", "total"):
+        assert meta["timings"][phase] >= 0, phase
+    assert meta["timings"]["total"] >= meta["timings"]["updates"]
+    assert 50 < meta["peak_rss_mb"] < 8192
+    assert meta["history"][1:] == steps and meta["steps"] == len(steps)
+    assert progress[-1] == 1.0 and all(0 <= p <= 1 for p in progress)
+    for when in ("before", "after"):
+        m = meta["metrics"][when]
+        for key in ("forget_acc", "retain_acc", "test_acc"):
+            assert 0 <= m[key] <= 100, (when, key)
+        assert m["retain_set"] == "subset of 200"
+        assert len(m["per_class_test_acc"]) == 10
+        counts = np.bincount(ds.test.labels.numpy(), minlength=10)
+        assert np.dot(m["per_class_test_acc"], counts) / counts.sum() == pytest.approx(m["test_acc"], abs=1e-6)
+        assert 0 <= m["dim_alignment"] <= 1 + 1e-9
+    before, after = meta["metrics"]["before"], meta["metrics"]["after"]
+    assert before["test_acc"] > 80 and before["retain_acc"] > 80  # percent, and a trained model
+    assert {"affinity_cosine", "cka", "knn_overlap"} <= set(after["structure"])
+    assert all(-1 <= v <= 1 + 1e-6 for v in after["structure"].values())
+    assert after["forget_acc"] == meta["history"][-1]["forget_acc"]
+
+
+def test_audit_arrays_consistent(sg_run, forget, anchors, ds):
+    path, _, _ = sg_run
+    meta = json.loads((path / "run.json").read_text())
+    with np.load(path / "audit.npz", allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files}
+    m = len(a["ids"])
+    assert m == 8 + 10 * 5 + 10 * 5  # forget set + 5 retained and 5 test images per class
+    assert a["ids"].dtype == np.int64 and a["labels"].dtype == np.int64
+    assert list(a["ids"][:8]) == forget[0] and list(a["labels"][:8]) == forget[2].tolist()
+    assert (a["group"][:8] == "forget").all() and (a["group"] == "retain").sum() == 50
+    assert (a["group"] == "test").sum() == 50
+    assert not set(a["ids"][a["group"] == "retain"].tolist()) & set(forget[0])
+    d, C = 128, 10
+    for key in ("feats_before", "feats_after", "backbone_after"):
+        assert a[key].shape == (m, d) and a[key].dtype == np.float32, key
+    for key in ("affinity_before", "affinity_after"):
+        assert a[key].shape == (m, C), key
+    assert a["anchors"].shape == (C, anchors.matrix.shape[1]) and a["R"].shape == (d, anchors.matrix.shape[1])
+    np.testing.assert_allclose(a["anchors"], anchors.matrix.numpy(), atol=1e-6)
+    np.testing.assert_allclose(a["affinity_after"], affinity_matrix(a["feats_after"], a["R"], a["anchors"]),
+                               atol=1e-5)
+    for key in ("conf_before", "conf_after", "pred_before", "pred_after"):
+        assert a[key].shape == (m,), key
+    assert ((a["conf_after"] >= 0) & (a["conf_after"] <= 1)).all()
+    assert a["retain_conf_before"].shape == a["retain_conf_after"].shape == (200,)
+    assert a["test_conf_before"].shape == a["test_conf_after"].shape == (len(ds.test),)
+    T = len(a["snapshot_steps"])
+    assert T >= 2 and a["snapshots"].shape == (T, m, d) and a["snapshots"].dtype == np.float16
+    assert a["snapshot_steps"][0] == 0 and a["snapshot_steps"][-1] == meta["steps"]
+    # forget accuracy in the record agrees with the audit predictions on the forget rows
+    f_acc = float((a["pred_after"][:8] == a["labels"][:8]).mean() * 100)
+    assert f_acc == pytest.approx(meta["metrics"]["after"]["forget_acc"])
+    np.testing.assert_allclose(a["snapshots"][0], a["feats_before"], atol=2e-2, rtol=1e-2)
+
+
+def test_saved_model_reproduces_recorded_predictions(sg_run, ds):
+    path, _, _ = sg_run
+    um = load_unlearned(path)
+    assert isinstance(um, UnlearnedModel) and um.projector is not None and not um.training
+    with np.load(path / "audit.npz", allow_pickle=False) as z:
+        ids, group, labels = z["ids"], z["group"], z["labels"]
+        pred_after, conf_after, feats_after = z["pred_after"], z["conf_after"], z["feats_after"]
+        backbone_after = z["backbone_after"]
+    train_rows = group != "test"
+    x = torch.empty(len(ids), *ds.input_shape)
+    x[train_rows] = ds.train.images(ds.train.positions(ids[train_rows].tolist()))
+    x[~train_rows] = ds.test.images(ds.test.positions(ids[~train_rows].tolist()))
+    um = prepare_model(um, CPU)
+    with torch.no_grad():
+        xx = to_device_format(x, CPU)
+        logits = um(xx)
+        probs = torch.softmax(logits, 1).numpy()
+        feats = um.features(xx).numpy()
+        back = um.backbone_features(xx).numpy()
+    np.testing.assert_array_equal(logits.argmax(1).numpy(), pred_after)
+    np.testing.assert_allclose(probs[np.arange(len(labels)), labels], conf_after, atol=1e-4)
+    np.testing.assert_allclose(feats, feats_after, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(back, backbone_after, atol=1e-4, rtol=1e-4)
+
+
+def test_damaged_runs_are_listed_not_raised(sg_run, tmp_path, data_dir):
+    path, _, _ = sg_run
+    root = tmp_path / "runs"
+    root.mkdir()
+    good = shutil.copytree(path, root / "20990101-000000-structguard-k8-s0")
+    truncated = shutil.copytree(path, root / "20990101-000001-structguard-k8-s0")
+    text = (truncated / "run.json").read_text()
+    (truncated / "run.json").write_text(text[: len(text) // 2])
+    no_audit = shutil.copytree(path, root / "20990101-000002-structguard-k8-s0")
+    (no_audit / "audit.npz").unlink()
+    no_json = root / "20990101-000003-structguard-k8-s0"
+    no_json.mkdir()
+    (root / ".20990101-000004-adv-k8-s0.partial").mkdir()  # a crashed run in progress: not listed at all
+    (root / "stray.txt").write_text("not a run")
+
+    listed = {r.run_id: r for r in runs.list_runs(root)}
+    assert set(listed) == {good.name, truncated.name, no_audit.name, no_json.name}
+    assert listed[good.name].ok and listed[good.name].error is None
+    for bad, why in ((truncated, "JSON"), (no_audit, "audit.npz"), (no_json, "run.json")):
+        assert listed[bad.name].status == "damaged" and why in listed[bad.name].error, listed[bad.name].error
+    assert [r.run_id for r in runs.list_runs(root)] == sorted(listed, reverse=True)
+
+    with pytest.raises(runs.RunError, match="damaged"):
+        runs.load_run(truncated)
+    rec = runs.load_run(no_audit)
+    assert rec.audit == {} and any("audit.npz" in m for m in rec.missing)
+    with pytest.raises(runs.RunError):
+        runs.load_run(no_audit, strict=True)
+    assert runs.load_run(good, strict=True).audit["ids"].shape[0] > 0
+    with pytest.raises(runs.RunError):  # a damaged run cannot be a parent
+        execute_run(_request([1], "neggrad", root, parent_run=str(no_audit), data_dir=data_dir))
+
+
+def test_delete_run_refuses_paths_outside_the_root(sg_run, tmp_path):
+    path, _, _ = sg_run
+    root = tmp_path / "runs"
+    root.mkdir()
+    inside = shutil.copytree(path, root / path.name)
+    outside = shutil.copytree(path, tmp_path / "elsewhere" / path.name)
+    nested = inside / "sub"
+    nested.mkdir()
+    for target in (outside, root, nested, root / ".." / "elsewhere" / path.name):
+        with pytest.raises(runs.RunError):
+            runs.delete_run(target, root)
+    assert outside.is_dir() and nested.is_dir()
+    runs.delete_run(inside, root)
+    assert not inside.exists() and runs.list_runs(root) == []
+
+
+def test_sequential_request_continues_from_parent(sg_run, runs_dir, sample_model, ds, data_dir):
+    parent, _, _ = sg_run
+    pmeta = json.loads((parent / "run.json").read_text())
+    first_ids = pmeta["forget_ids"]
+    second_ids = [i for i in random_forget_ids("fashion-mnist", data_dir, 12, 1) if i not in first_ids][:4]
+    child = execute_run(_request(second_ids, "neggrad", runs_dir, config={"max_epochs": 5},
+                                 parent_run=str(parent), data_dir=data_dir))
+    cmeta = json.loads((child / "run.json").read_text())
+    assert cmeta["parent_run"] == parent.name
+    assert cmeta["model"]["start"] == f"run:{parent.name}"
+    assert cmeta["all_forget_ids"] == sorted(set(first_ids) | set(second_ids))
+    assert cmeta["forget_ids"] == second_ids
+    # the child started from the parent's model: its "before" is the parent's "after" on the same test set
+    assert cmeta["metrics"]["before"]["test_acc"] == pytest.approx(pmeta["metrics"]["after"]["test_acc"], abs=0.02)
+    chain = runs.lineage(child)
+    assert [m["run_id"] for m in chain] == [parent.name, child.name]
+    # the nested model (StructGuard projector inside, NegGrad on top) saves and loads
+    um = load_unlearned(child)
+    assert um.chain() == [128, None]
+    with np.load(child / "audit.npz") as z:
+        ids, group, pred_after = z["ids"], z["group"], z["pred_after"]
+    rows = group == "forget"
+    x = to_device_format(ds.train.images(ds.train.positions(ids[rows].tolist())), CPU)
+    with torch.no_grad():
+        np.testing.assert_array_equal(prepare_model(um, CPU)(x).argmax(1).numpy(), pred_after[rows])
+
+    # the retain pool of the child excludes what the parent forgot
+    with np.load(child / "audit.npz") as z:
+        assert not set(z["ids"][z["group"] == "retain"].tolist()) & set(first_ids)
+    # forgetting again what the lineage already forgot is refused, and nothing new is saved
+    n_before = len(runs.list_runs(runs_dir))
+    with pytest.raises(UnlearnError, match="already forgotten"):
+        execute_run(_request([first_ids[0], 3], "neggrad", runs_dir, parent_run=str(child), data_dir=data_dir))
+    assert len(runs.list_runs(runs_dir)) == n_before
+    assert not list(runs_dir.glob(".*.partial"))
+
+
+# ------------------------------------------------------------------ CLI
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a fresh interpreter, the full test set twice; slow only when the CPU is shared
+def test_cli_unlearn_json(run_cli, sample_model, tmp_path):
+    root = tmp_path / "runs"
+    proc = run_cli("unlearn", "--method", "neggrad", "--k", "4", "--seed", "0", "--json", "--runs-dir", str(root),
+                   "--retain-eval", "200", "--encoder", "minilm", timeout=880)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    row = json.loads(lines[0])
+    for key in ("forget_acc", "retain_acc", "test_acc", "structure_score", "seconds", "run_dir"):
+        assert key in row, key
+    for key in ("forget_acc", "retain_acc", "test_acc"):
+        assert 0 <= row[key] <= 100
+    assert row["before"]["test_acc"] > 80 and row["retain_acc"] > 1  # percent, not fractions
+    assert row["before"]["forget_acc"] > 50 and row["forget_acc"] < row["before"]["forget_acc"]
+    assert row["stop_reason"] in ("forgotten", "max_epochs")
+    assert (row["forget_acc"] == 0.0) == (row["stop_reason"] == "forgotten")
+    assert row["seconds"] > 0 and row["retain_set"] == "subset of 200" and row["encoder"] == "minilm"
+    run_dir = Path(row["run_dir"])
+    assert run_dir.parent == root and run_dir.is_dir()
+    assert [r.run_id for r in runs.list_runs(root)] == [run_dir.name]
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["k"] == 4 and meta["forget_ids"] == random_forget_ids("fashion-mnist", None, 4, 0)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("content,match", [("12\nseven\n", "integer"), ("[99999999]", "not training images")])
+def test_cli_unlearn_bad_ids_file(run_cli, sample_model, tmp_path, content, match):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(content)
+    root = tmp_path / "runs"
+    proc = run_cli("unlearn", "--method", "neggrad", "--ids", str(ids), "--json", "--runs-dir", str(root),
+                   "--encoder", "minilm", timeout=580)
+    assert proc.returncode == 2, (proc.stdout[-1000:], proc.stderr[-2000:])
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and match in errors[0], proc.stderr[-2000:]
+    assert proc.stdout.strip() == ""
+    assert not root.exists() or runs.list_runs(root) == []
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_linear_cka():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 16))
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.7 * x) == pytest.approx(1.0)
+    assert linear_cka(x, x @ q) == pytest.approx(1.0)
+    assert linear_cka(x, x + 5.0) == pytest.approx(1.0)  # centred
+    assert linear_cka(x, rng.normal(size=(200, 16))) < 0.3
+    assert linear_cka(x, np.zeros_like(x)) != linear_cka(x, np.zeros_like(x))  # nan, no crash
+    y = x.copy()
+    y[:, :8] = rng.normal(size=(200, 8))
+    assert 0.3 < linear_cka(x, y) < 0.9
+
+
+def test_knn_overlap():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 8))
+    assert knn_overlap(x, x) == pytest.approx(1.0)
+    assert knn_overlap(x, 2.0 * x) == pytest.approx(1.0)  # cosine neighbours
+    assert knn_overlap(x, x[rng.permutation(100)]) < 0.5
+    assert knn_overlap(x[:5], x[:5], k=10) == pytest.approx(1.0)  # k shrinks to n - 1
+    assert math.isnan(knn_overlap(x[:1], x[:1]))
+
+
+def test_dimensional_alignment():
+    rng = np.random.default_rng(2)
+    basis, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    span, other = basis[:, :3], basis[:, 3:]
+    retain = rng.normal(size=(300, 3)) @ span.T
+    inside = rng.normal(size=(20, 3)) @ span.T
+    outside = rng.normal(size=(20, 9)) @ other.T
+    assert dimensional_alignment(inside, retain) == pytest.approx(1.0, abs=1e-9)
+    assert dimensional_alignment(outside, retain) == pytest.approx(0.0, abs=1e-9)
+    half = np.concatenate([inside, outside])
+    assert 0.05 < dimensional_alignment(half, retain) < 0.95
+    assert math.isnan(dimensional_alignment(inside[:0], retain))
+
+
+def test_row_cosine_and_affinity():
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.0, 0.0]])
+    b = np.array([[2.0, 0.0], [1.0, 0.0], [-3.0, -4.0], [1.0, 1.0]])
+    np.testing.assert_allclose(row_cosine(a, b), [1.0, 0.0, -1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(row_cosine(a[:3], a[:3]), np.ones(3))
+    rng = np.random.default_rng(3)
+    f = rng.random((6, 128)).astype(np.float32)
+    A = rng.normal(size=(10, 384)).astype(np.float32)
+    A /= np.linalg.norm(A, axis=1, keepdims=True)
+    R = anchor_map(128, 384, seed=0)
+    torch.testing.assert_close(torch.from_numpy(affinity_matrix(f, R.numpy(), A)),
+                               affinity(torch.from_numpy(f), R, torch.from_numpy(A)), rtol=1e-5, atol=1e-5)
+
+
+def test_anchor_map():
+    assert torch.equal(anchor_map(16, 16), torch.eye(16))
+    r = anchor_map(128, 384, seed=3)
+    assert r.shape == (128, 384)
+    torch.testing.assert_close(r.norm(dim=0), torch.ones(384))
+    assert torch.equal(r, anchor_map(128, 384, seed=3)) and not torch.equal(r, anchor_map(128, 384, seed=4))
+
+
+def test_config_roundtrip_and_validation():
+    for method in METHODS:
+        cfg = default_config(method)
+        assert UnlearnConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad in ({"lr": 0}, {"lr": float("nan")}, {"n_adv": 0}, {"max_epochs": 0}, {"projector_init": "zero"}):
+        with pytest.raises(ValueError):
+            default_config("adv", **bad)
+
+
+def test_cross_entropy_direction_of_neggrad_term(model, forget):
+    """NegGrad's 'del' term is exactly -CE on the forget batch (sign and value)."""
+    _, x, y = forget
+    out = run_unlearning(model, x, y, 10, _config("neggrad", lr=1e-9, max_epochs=1))
+    m = copy.deepcopy(model).train()
+    with torch.no_grad():
+        want = -F.cross_entropy(m(x), y).item()
+    assert out.history[1]["terms"]["del"] == pytest.approx(want, rel=1e-4, abs=1e-5)
