@@ -99,7 +99,7 @@ def main() -> int:
 
     warm = [fresh_process_warmup() for _ in range(3)]
     results.append(("UMAP warm-up in a fresh process (import + first fit)", statistics.median(warm), warm,
-                    "paid once per process; the dashboard does it at start-up"))
+                    "paid once per process: call core.audit.warm_up() at start-up"))
     print(f"warm-up {warm}", flush=True)
     warm_up()
     n = len(fb)

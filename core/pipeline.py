@@ -233,7 +233,8 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     from .engine import anchor_map
     R = anchor_map(d, anchors_np.shape[1], config.seed).numpy()
 
-    # Snapshots: backbone features of the audit sample during the updates (the collapse timeline).
+    # Snapshots: prediction-path features of the audit sample during the updates (the collapse timeline).
+    # StructGuard's projector starts as the identity, so step 0 is exactly the original feature space.
     x_audit = torch.cat([x_forget.cpu(), ds.train.images(a_ret), ds.test.images(a_test)])
     snapshots: list[np.ndarray] = []
     snapshot_steps: list[int] = []
@@ -243,7 +244,7 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     def on_snapshot(step: int, live: torch.nn.Module) -> None:
         if step % every[0] and step != 0:
             return
-        feats = torch.cat([live.backbone_features(to_device_format(x_audit[i:i + 1000], device)).cpu()
+        feats = torch.cat([live.features(to_device_format(x_audit[i:i + 1000], device)).cpu()
                            for i in range(0, len(x_audit), 1000)])
         snapshots.append(feats.half().numpy())
         snapshot_steps.append(step)
