@@ -112,7 +112,7 @@ def test_report_of_older_run_recomputes_and_says_what_is_missing(neggrad_run, tm
     for key in ("history", "anchors", "config"):
         meta.pop(key)
     (run / "run.json").write_text(json.dumps(meta))
-    res = build_report(run, tmp_path / "r.html", drift_method="pca", gradcam=False)
+    res = build_report(run, tmp_path / "r.html", drift_method="pca", drift_space="backbone", gradcam=False)
     html = res.path.read_text()
     figs = _figures_in(html)
     assert "affinity" in figs and "recomputed" in html  # from feats + R + anchors
