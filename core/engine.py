@@ -42,7 +42,8 @@ class Projector(nn.Sequential):
             lin.weight.copy_(torch.eye(d))
             lin.bias.zero_()
         bn: nn.BatchNorm1d = self[1]
-        mean, var = feats.mean(0), feats.var(0, unbiased=True)
+        mean = feats.mean(0)
+        var = feats.var(0, unbiased=True) if len(feats) > 1 else torch.zeros_like(mean)  # one sample: no spread
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
         bn.weight.copy_((var + bn.eps).sqrt())  # BN divides by sqrt(running_var + eps): undo exactly that
@@ -60,6 +61,17 @@ class UnlearnedModel(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.backbone.feature_dim
+
+    def train(self, mode: bool = True) -> "UnlearnedModel":
+        """Projectors of earlier runs (inside the backbone) stay in eval mode: their BatchNorm keeps
+        its statistics and works on a forget batch of one image."""
+        super().train(mode)
+        inner = self.backbone
+        while isinstance(inner, UnlearnedModel):
+            if inner.projector is not None:
+                inner.projector.eval()
+            inner = inner.backbone
+        return self
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.features(x)
@@ -191,6 +203,9 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     if recipe.uses_projector:
         if anchors is None:
             raise UnlearnError("StructGuard needs semantic anchors: build an AnchorSet first")
+        if len(ctx.x_adv) < 2:
+            raise UnlearnError("StructGuard's projector (BatchNorm) needs at least 2 proxy images: "
+                               "raise the adversarial images per forget image (n_adv) or forget more images")
         d = live.feature_dim
         ctx.anchors = anchors.to(device).float()
         ctx.R = anchor_map(d, ctx.anchors.shape[1], config.seed).to(device)
@@ -230,6 +245,8 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
         for s in range(steps_per_epoch):
             cb.check_cancel("the update steps")
             rows = order[s * config.batch_size:(s + 1) * config.batch_size].to(device)
+            if recipe.uses_projector and len(rows) < 2:
+                continue  # BatchNorm cannot train on a batch of one; the rows come back next pass
             if recipe.needs_proxy:
                 take = min(config.batch_size, len(x_forget))
                 if f_pos + take > len(x_forget):

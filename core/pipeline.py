@@ -7,6 +7,7 @@ original model, unlearns, measures again, and writes the run directory atomicall
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import resource
 import subprocess
@@ -56,8 +57,13 @@ class RunRequest:
     uploads: list[tuple[np.ndarray, int]] = field(default_factory=list)  # user images (uint8 CxHxW, label)
 
 
-@lru_cache(maxsize=4)
 def cached_dataset(name: str, data_dir: str | None) -> Dataset:
+    """One loaded copy per (dataset, folder, configured folder): the env var is part of the key."""
+    return _cached_dataset(name, data_dir, os.environ.get("STRUCTGUARD_FASHION_DIR"))
+
+
+@lru_cache(maxsize=4)
+def _cached_dataset(name: str, data_dir: str | None, _configured: str | None) -> Dataset:
     return load_dataset(name, data_dir)
 
 

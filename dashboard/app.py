@@ -1,0 +1,46 @@
+"""StructGuard Studio: `streamlit run dashboard/app.py`.
+
+The entry point only sets up the page, the navigation and a short sidebar;
+each page is a thin file under dashboard/pages/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# open_clip would otherwise retry downloads for ~46 s when weights are missing (DESIGN.md §4).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import streamlit as st  # noqa: E402
+
+from dashboard import state, widgets  # noqa: E402
+
+PAGES = Path(__file__).resolve().parent / "pages"
+
+st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:", layout="wide")
+state.session_token()
+
+nav = st.navigation([
+    st.Page(PAGES / "start.py", title="Start", icon=":material/home:", default=True),
+    st.Page(PAGES / "forget_set.py", title="Forget set", icon=":material/photo_library:", url_path="forget"),
+    st.Page(PAGES / "anchors.py", title="Anchors", icon=":material/anchor:", url_path="anchors"),
+    st.Page(PAGES / "unlearn.py", title="Unlearn", icon=":material/model_training:", url_path="unlearn"),
+    st.Page(PAGES / "audit.py", title="Audit", icon=":material/fact_check:", url_path="audit"),
+    st.Page(PAGES / "runs.py", title="Runs", icon=":material/history:", url_path="runs"),
+])
+
+with st.sidebar:
+    st.caption("This session")
+    n_up = len(state.uploads())
+    st.markdown(f"**Forget set:** {len(state.selection())} images" + (f" + {n_up} uploaded" if n_up else ""))
+    widgets.sidebar_job()
+    run = state.current_run()
+    if run is not None:
+        st.markdown(f"**Current run:** `{run.name}`")
+
+nav.run()

@@ -1,0 +1,131 @@
+"""Runs: every saved run (damaged ones marked), side-by-side comparison, delete, lineage, continue."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from core import runs as core_runs
+from dashboard import state, widgets
+
+st.title("Runs")
+root = state.runs_root()
+infos = core_runs.list_runs(root)
+mine = set(state.my_runs())
+st.caption(f"Saved runs in `{root}`. Runs made in this session are marked ★. A run is written to a hidden "
+           "folder and renamed when complete, so an interrupted run never shows up as complete.")
+if not infos:
+    st.info("No runs yet. Start one on the Unlearn page, or run the teaching demo on the Start page.")
+    st.stop()
+
+
+def _metric(meta: dict | None, when: str, name: str) -> float | None:
+    try:
+        return (meta or {})["metrics"][when][name]
+    except (KeyError, TypeError):
+        return None
+
+
+rows = []
+for info in infos:
+    m = info.meta or {}
+    rows.append({
+        "": "★" if info.run_id in mine else "",
+        "run": info.run_id,
+        "status": "complete" if info.ok else f"damaged: {info.error}",
+        "method": m.get("method"),
+        "k": m.get("k", len(m.get("forget_ids", []) or [])),
+        "seed": m.get("seed"),
+        "forget acc after": _metric(m, "after", "forget_acc"),
+        "test acc before": _metric(m, "before", "test_acc"),
+        "test acc after": _metric(m, "after", "test_acc"),
+        "structure (affinity cos)": ((_metric(m, "after", "structure") or {}).get("affinity_cosine")),
+        "parent": m.get("parent_run"),
+        "created": m.get("created"),
+    })
+df = pd.DataFrame(rows)
+wanted = [i for i, r in enumerate(rows) if r["run"] in state.compare_runs()]
+event = st.dataframe(
+    df, hide_index=True, on_select="rerun", selection_mode="multi-row",
+    key=f"runs_table_{st.session_state.get('runs_rev', 0)}",
+    selection_default={"selection": {"rows": wanted}} if wanted else None,
+    column_config={"forget acc after": st.column_config.NumberColumn(format="%.1f"),
+                   "test acc before": st.column_config.NumberColumn(format="%.2f"),
+                   "test acc after": st.column_config.NumberColumn(format="%.2f"),
+                   "structure (affinity cos)": st.column_config.NumberColumn(format="%.3f")})
+picked = [infos[i] for i in event.selection.rows] if event is not None else []
+st.session_state.compare_runs = [p.run_id for p in picked]
+
+if not picked:
+    st.caption("Select one run to open, continue or delete it; select two or more to compare them.")
+    st.stop()
+
+ok = [p for p in picked if p.ok]
+c1, c2, c3 = st.columns(3)
+if len(picked) == 1 and ok:
+    if c1.button("Open in Audit", icon=":material/fact_check:", type="primary"):
+        state.set_current_run(ok[0].path)
+        st.switch_page("pages/audit.py")
+    if c2.button("Continue from this run", icon=":material/redo:",
+                 help="A sequential request: the next run starts from this run's unlearned model."):
+        st.session_state.continue_from = str(ok[0].path)
+        already = set((ok[0].meta or {}).get("all_forget_ids", (ok[0].meta or {}).get("forget_ids", [])))
+        state.set_selection(state.selection() - already)
+        st.switch_page("pages/unlearn.py")
+with c3.popover(f"Delete {len(picked)} run(s)", icon=":material/delete:", disabled=widgets.busy()):
+    st.write("This removes the run folders from disk: " + ", ".join(f"`{p.run_id}`" for p in picked))
+    if st.button("Delete for good", type="primary"):
+        errors = []
+        for p in picked:
+            try:
+                core_runs.delete_run(p.path, root)
+            except (core_runs.RunError, OSError) as exc:
+                errors.append(f"{p.run_id}: {exc}")
+        if state.current_run() in {p.path for p in picked}:
+            state.set_current_run(None)
+        state.request_compare([])
+        for e in errors:
+            st.error(e)
+        if not errors:
+            st.rerun()
+
+# ---------------------------------------------------------------- lineage
+if len(picked) == 1:
+    chain = core_runs.lineage(picked[0].path)
+    if len(chain) > 1:
+        st.subheader("Lineage")
+        dot = ["digraph { rankdir=LR; node [shape=box, style=rounded, fontsize=10];"]
+        for a, b in zip(chain, chain[1:]):
+            dot.append(f'"{a.get("run_id")}" -> "{b.get("run_id")}";')
+        dot.append("}")
+        st.graphviz_chart("\n".join(dot))
+        st.dataframe(pd.DataFrame([{"run": c.get("run_id"), "method": c.get("method"),
+                                    "forgets": len(c.get("forget_ids", []) or []),
+                                    "test acc after": _metric(c, "after", "test_acc")} for c in chain]),
+                     hide_index=True)
+    else:
+        st.caption("This run started from the original model (no earlier requests in its lineage).")
+
+# ---------------------------------------------------------------- comparison
+if len(ok) >= 2:
+    st.subheader(f"Comparison of {len(ok)} runs")
+    records = {p.run_id: state.load_run(p.path) for p in ok}
+    table = {}
+    for rid, rec in records.items():
+        b, a = rec.meta["metrics"]["before"], rec.meta["metrics"]["after"]
+        table[rid] = {"method": rec.meta["method"], "forget acc before": b["forget_acc"], "forget acc after":
+                      a["forget_acc"], "retain acc after": a["retain_acc"], "test acc before": b["test_acc"],
+                      "test acc after": a["test_acc"], **{f"structure: {k}": v for k, v in
+                                                         (a.get("structure") or {}).items()},
+                      "dim alignment after": a.get("dim_alignment"), "steps": rec.meta.get("steps"),
+                      "time (s)": (rec.meta.get("timings") or {}).get("total")}
+    frame = pd.DataFrame.from_dict(table, orient="index")  # one row per run: every column has one type
+    st.dataframe(frame, width="stretch")
+    accs = frame[["forget acc after", "retain acc after", "test acc after"]].astype(float)
+    st.bar_chart(accs, stack=False, height=260, y_label="accuracy (%)")
+    st.markdown("**Embedding drift**")
+    cols = st.columns(min(len(records), 3))
+    for i, (rid, rec) in enumerate(records.items()):
+        with cols[i % len(cols)]:
+            st.caption(f"{rec.meta['method']} · `{rid}`")
+            widgets.drift_figure(rec, key=f"cmp_drift_{rid}")

@@ -1,0 +1,123 @@
+"""Unlearn: method, ablations, hyperparameters and seed; runs in the background with live curves."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.methods import METHODS, default_config
+from dashboard import state, widgets
+
+# (field, label, help) for the main hyperparameters; defaults come from core.methods.default_config.
+FIELDS: list[tuple[str, str, str]] = [
+    ("lr", "Learning rate (backbone)", "SGD step size for the classifier's weights."),
+    ("projector_lr", "Learning rate (projector)", "StructGuard only: step size of the projector p_w."),
+    ("max_epochs", "Max epochs", "Passes over the proxy set (the forget set for NegGrad); the run stops earlier "
+                                 "as soon as forget accuracy reaches 0."),
+    ("n_adv", "Adversarial variants per forget image", "Size of the proxy set that stands in for the retain data."),
+    ("eps", "PGD radius ε (L2)", "How far the adversarial proxies may move from the forget images (pixel space)."),
+    ("pgd_iters", "PGD iterations", "Attack steps per proxy batch; fewer is faster, weaker proxies."),
+    ("pgd_step", "PGD step size", "Step size of each attack iteration."),
+    ("batch_size", "Batch size", "Forget batch and proxy batch size."),
+    ("lam", "λ (importance regulariser)", "Weight of the weight-importance term (L2UL, StructGuard SR)."),
+    ("momentum", "Momentum", "SGD momentum."),
+]
+INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size"}
+ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
+             ("sr", "SR: importance regulariser", "Penalise changes of weights that matter for the alignment."),
+             ("cr", "CR: classifier regulariser", "L1 + L2 penalty on the final linear layer.")]
+
+st.title("Unlearn")
+ds = state.get_dataset()
+model_name = state.default_model_name()
+sel, ups = state.selection(), state.uploads()
+parent = st.session_state.get("continue_from")
+
+with st.container(border=True):
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Forget set", f"{len(sel) + len(ups)} images", help="Chosen on the Forget set page.")
+    c2.markdown(f"**Anchors**  \nencoder `{state.encoder_choice()}`, "
+                f"{'edited' if st.session_state.get('anchors_edited') else 'default'} texts")
+    if parent:
+        c3.markdown(f"**Continue from run**  \n`{parent}`")
+        if c3.button("Start from the original model instead"):
+            st.session_state.pop("continue_from", None)
+            st.rerun()
+    else:
+        c3.markdown(f"**Model**  \n`{model_name}` (original)")
+
+names = list(METHODS)
+state.widget_defaults(un_method="structguard" if "structguard" in names else names[0], un_seed=0,
+                      un_sa=True, un_sr=True, un_cr=True)
+method = st.segmented_control("Method", names, key="un_method", required=True,
+                              format_func=lambda m: {"neggrad": "NegGrad", "adv": "Adv", "l2ul": "L2UL",
+                                                     "structguard": "StructGuard"}.get(m, m))
+st.caption(METHODS[method].summary)
+
+defaults = default_config(method, ds.name)
+keys = {f: f"un_{method}_{f}" for f, _, _ in FIELDS}
+state.widget_defaults(**{keys[f]: getattr(defaults, f) for f, _, _ in FIELDS})
+
+if method == "structguard":
+    cols = st.columns(3)
+    for col, (k, label, help_) in zip(cols, ABLATIONS):
+        col.toggle(label, key=f"un_{k}", help=help_)
+
+shown = [f for f in FIELDS if not (f[0] == "projector_lr" and not METHODS[method].uses_projector)
+         and not (f[0] in ("n_adv", "eps", "pgd_iters", "pgd_step") and not METHODS[method].needs_proxy)
+         and not (f[0] == "lam" and method not in ("l2ul", "structguard"))]
+with st.expander("Hyperparameters", expanded=not widgets.busy()):
+    cols = st.columns(3)
+    for i, (f, label, help_) in enumerate(shown):
+        d = getattr(defaults, f)
+        with cols[i % 3]:
+            if f in INT_FIELDS:
+                st.number_input(label, min_value=1 if f != "pgd_iters" else 0, step=1, key=keys[f],
+                                help=f"{help_} Default {d}.")
+            else:
+                st.number_input(label, min_value=0.0, format="%g", step=d / 10 if d else 0.01, key=keys[f],
+                                help=f"{help_} Default {d}.")
+    c1, c2 = st.columns([1, 3])
+    c1.number_input("Seed", min_value=0, step=1, key="un_seed", help="Seeds the proxy attack and batch order.")
+    if c2.button("Restore defaults"):
+        for f, _, _ in FIELDS:
+            st.session_state[keys[f]] = getattr(defaults, f)
+        st.rerun()
+
+state.widget_defaults(un_retain_eval=5000, un_audit_per_class=20)
+with st.expander("Evaluation", expanded=False):
+    e1, e2 = st.columns(2)
+    e1.number_input("Retain-accuracy sample", min_value=0, step=500, key="un_retain_eval",
+                    help="Retain accuracy is measured on a fixed random subset of the retained training images of "
+                         "this size (0 = all of them). The test set is always used in full.")
+    e2.number_input("Audit samples per class", min_value=2, step=5, key="un_audit_per_class",
+                    help="Retained and test images per class stored with the run for drift, affinity and "
+                         "membership-inference pictures.")
+
+overrides = {f: st.session_state[keys[f]] for f, _, _ in shown}
+if method == "structguard":
+    overrides.update({k: st.session_state[f"un_{k}"] for k, _, _ in ABLATIONS})
+
+job = state.current_job()
+running = widgets.busy()
+problems = []
+if model_name is None and not parent:
+    problems.append("No model is loaded (see the Start page).")
+if not sel and not ups:
+    problems.append("The forget set is empty: pick images on the Forget set page.")
+for p in problems:
+    st.warning(p)
+
+if st.button("Start unlearning", type="primary", icon=":material/play_arrow:", disabled=bool(problems) or running):
+    try:
+        req = widgets.make_request(
+            model=None if parent else model_name, parent_run=parent, dataset=ds.name, forget_ids=sorted(sel),
+            method=method, config=overrides, seed=int(st.session_state.un_seed), runs_root=str(state.runs_root()),
+            retain_eval=int(st.session_state.un_retain_eval), audit_per_class=int(st.session_state.un_audit_per_class),
+            uploads=[(u.pixels, u.label) for u in ups] or None, **widgets.anchor_fields())
+    except (ValueError, TypeError) as exc:
+        st.error(f"Cannot start: {exc}")
+    else:
+        widgets.launch(f"{method} on {len(sel) + len(ups)} images", [req], "pages/audit.py")
+        st.rerun()
+
+widgets.job_panel("unlearn")

@@ -1,0 +1,198 @@
+"""UI pieces shared by several pages: starting runs in the background and the live job panel."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from dashboard import state
+
+DEMO_K = 8
+DEMO_SEED = 0
+# Small enough for a laptop CPU in about a minute (DESIGN.md §1, teachers).
+DEMO_OVERRIDES: dict[str, Any] = {"n_adv": 8, "pgd_iters": 10, "max_epochs": 15}
+DEMO_RETAIN_EVAL = 2000  # retain accuracy on a fixed subset of this size (the test set is always full)
+
+
+def _callbacks(job: state.Job, i: int, n: int, tag: str) -> Any:
+    """core.engine.Callbacks for run i of n: progress mapped into [i/n, (i+1)/n], steps tagged with the run."""
+    from core.engine import Callbacks
+
+    prefix = f"[{i + 1}/{n} {tag}] " if n > 1 else ""
+    return Callbacks(on_progress=lambda f, m: job.on_progress((i + f) / n, prefix + m),
+                     on_step=lambda rec: job.on_step(dict(rec, run=tag)), should_cancel=job.should_cancel)
+
+
+def make_request(**fields: Any) -> Any:
+    """A core.pipeline.RunRequest from keyword fields (None values left to core's defaults)."""
+    from core.pipeline import RunRequest
+
+    known = {f.name for f in dataclasses.fields(RunRequest)}
+    unknown = {k for k, v in fields.items() if k not in known and v is not None}
+    if unknown:
+        raise ValueError(f"RunRequest has no field(s) {', '.join(sorted(unknown))}")
+    return RunRequest(**{k: v for k, v in fields.items() if k in known and v is not None})
+
+
+def launch(label: str, requests: list[Any], open_page: str) -> None:
+    """Run the requests one after another in this session's background thread."""
+    from core.pipeline import execute_run
+
+    def work(job: state.Job) -> list[Path]:
+        state.warm_up_drift()
+        dirs: list[Path] = []
+        for i, req in enumerate(requests):
+            if job.should_cancel():
+                break
+            try:
+                dirs.append(Path(execute_run(req, _callbacks(job, i, len(requests), str(getattr(req, "method", i))))))
+            except Exception:
+                if job.should_cancel() and dirs:
+                    break  # keep the runs that completed before the cancel
+                raise
+        job.on_progress(1.0, "preparing the audit views ...")
+        for d in dirs:  # so the Audit page opens without waiting for the drift map
+            try:
+                state.drift(str(d), (d / "run.json").stat().st_mtime)
+            except Exception:  # the Audit page shows the problem when it is opened
+                pass
+        return dirs
+
+    st.session_state.job_open_page = open_page
+    state.start_job(label, work)
+
+
+def busy() -> bool:
+    job = state.current_job()
+    return job is not None and job.status == "running"
+
+
+def live_charts(history: list[dict], key: str) -> None:
+    """Loss terms and forget accuracy per update step (core.figures.history_curves), one chart per run."""
+    if len([h for h in history if h.get("step")]) == 0:
+        st.caption("Curves appear with the first update step.")
+        return
+    from core.figures import history_curves
+
+    tags = list(dict.fromkeys(h.get("run", "") for h in history))
+    for tag in tags:
+        rows = [h for h in history if h.get("run", "") == tag]
+        st.plotly_chart(history_curves(rows, title=f"Live: {tag}" if tag else "Live curves"), key=f"{key}_{tag}")
+
+
+def job_panel(key: str) -> None:
+    """Progress, live curves and a cancel button for this session's job; polls while it runs."""
+    job = state.current_job()
+    if job is None:
+        return
+    running = job.status == "running"
+
+    @st.fragment(run_every=1.0 if running else None)
+    def panel() -> None:
+        snap = job.snapshot()
+        if st.session_state.pop("reattached", False) and snap["status"] == "running":
+            st.info("The page was reloaded while this run was going: it kept running and is shown again here.")
+        st.markdown(f"**{snap['label']}** — {snap['status']} ({snap['elapsed']:.0f} s)")
+        st.progress(snap["fraction"], text=snap["message"])
+        if snap["status"] == "running":
+            if st.button("Cancel", key=f"{key}_cancel", icon=":material/stop_circle:"):
+                job.cancel_event.set()
+                st.toast("Cancelling after the current step ...")
+        live_charts(snap["history"], key=f"{key}_chart")
+        if snap["status"] != "running" and running:
+            st.rerun()  # stop polling; the app records the outcome and opens the follow-up page
+
+    panel()
+    finish_job(job)  # also done from the sidebar; here too because AppTest re-runs only the page
+    snap = job.snapshot()
+    if snap["status"] == "done" and snap["run_dirs"]:
+        st.success("Saved: " + ", ".join(f"`{d.name}`" for d in snap["run_dirs"]))
+        if st.button("Open in Audit", key=f"{key}_open", icon=":material/fact_check:"):
+            state.set_current_run(snap["run_dirs"][-1])
+            st.switch_page("pages/audit.py")
+    elif snap["status"] == "cancelled":
+        st.warning("The run was cancelled. Nothing was saved for the unfinished run; earlier saved runs are intact.")
+    elif snap["status"] == "failed":
+        st.error(f"The run failed: {snap['error']}")
+
+
+def sidebar_job() -> None:
+    """A small progress line on every page while this session's job runs; records the outcome once it ends."""
+    job = state.current_job()
+    if job is None:
+        return
+    running = job.status == "running"
+
+    @st.fragment(run_every=2.0 if running else None)
+    def mini() -> None:
+        snap = job.snapshot()
+        if snap["status"] == "running":
+            st.progress(snap["fraction"], text=f"**{snap['label']}**  \n{snap['message']}")
+        elif running:
+            st.rerun()
+
+    mini()
+    finish_job(job)
+
+
+def finish_job(job: state.Job) -> None:
+    """Once per finished job: remember its runs in this session and open the follow-up page."""
+    snap = job.snapshot()
+    if snap["status"] != "done" or not snap["run_dirs"] or getattr(job, "handled", False):
+        return
+    job.handled = True  # type: ignore[attr-defined]
+    ids = [d.name for d in snap["run_dirs"]]
+    state.my_runs().extend(i for i in ids if i not in state.my_runs())
+    state.set_current_run(snap["run_dirs"][-1])
+    if len(ids) > 1:
+        state.request_compare(ids)
+    st.switch_page(st.session_state.pop("job_open_page", "pages/audit.py"))
+
+
+def demo_launcher(model_name: str | None, ds: Any) -> None:
+    """The teaching demo button (NegGrad vs StructGuard on the same small forget set)."""
+    if model_name is None or ds is None:
+        st.button("Run the teaching demo", disabled=True, help="Needs a model and a dataset.")
+        return
+    try:
+        import core.pipeline  # noqa: F401
+    except ImportError:
+        st.info("The engine (core.pipeline) is not installed yet.")
+        return
+    if st.button("Run the teaching demo", type="primary", icon=":material/play_arrow:", disabled=busy(),
+                 help=f"k={DEMO_K} random training images (seed {DEMO_SEED}), reduced proxy/iterations."):
+        rng = np.random.default_rng(DEMO_SEED)
+        ids = sorted(int(i) for i in rng.choice(ds.train.ids.numpy(), DEMO_K, replace=False))
+        state.set_selection(ids)
+        reqs = [make_request(model=model_name, dataset=ds.name, forget_ids=ids, method=m, config=DEMO_OVERRIDES,
+                             seed=DEMO_SEED, runs_root=str(state.runs_root()), retain_eval=DEMO_RETAIN_EVAL,
+                             **anchor_fields())
+                for m in ("neggrad", "structguard")]
+        launch("Teaching demo: NegGrad vs StructGuard", reqs, "pages/runs.py")
+        st.rerun()
+    job_panel("start")
+
+
+def anchor_fields() -> dict[str, Any]:
+    """The session's anchor texts and encoder, as RunRequest fields."""
+    texts = state.anchor_texts()
+    return {"anchor_texts": texts or None, "encoder": state.encoder_choice()}
+
+
+
+def drift_figure(rec: Any, key: str) -> None:
+    """The drift scatter of a loaded run (cached per run), or a note when it cannot be drawn."""
+    if "feats_before" not in rec.audit:
+        st.caption("No audit features in this run.")
+        return
+    from core.figures import drift_scatter
+
+    run_json = Path(rec.path) / "run.json"
+    result, _ = state.drift(str(rec.path), run_json.stat().st_mtime)
+    classes = (rec.meta.get("dataset") or {}).get("classes")
+    st.plotly_chart(drift_scatter(result.before, result.after, result.labels, result.groups, classes,
+                                  method=result.method), key=key)

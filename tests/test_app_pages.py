@@ -1,0 +1,457 @@
+"""Streamlit AppTest of every dashboard page and its main interactions.
+
+Runs come from the real engine with a tiny budget (`TINY`: one PGD step, two proxies per
+image, one pass) on the bundled 3,000/1,000 subset, so the pages are tested against real
+run directories; `GatedEngine` only controls when a run proceeds (to see it running, and
+to cancel it through the engine's own cancel path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core import pipeline, runs
+from core.data import load_dataset
+from core.models import SAMPLE_MODELS, create_model, save_model
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+TIMEOUT = 120
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def write_subset_idx(root: Path) -> Path:
+    """The bundled subset (3,000 train / 1,000 test) as IDX files: a small, fast dataset for the pages."""
+    import struct
+
+    from core.data import IDX_FILES, load_bundled_fashion
+
+    ds = load_bundled_fashion()
+    root.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", ds.train), ("test", ds.test)):
+        for stem, arr in zip(IDX_FILES[split], (part.pixels[:, 0].numpy(), part.labels.numpy().astype(np.uint8))):
+            head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            (root / stem).write_bytes(head + arr.tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory: pytest.TempPathFactory):
+    """Runs in a temp folder, the sample model (or a random stand-in), a fast encoder, PCA drift."""
+    tmp = tmp_path_factory.mktemp("app")
+    data_dir = write_subset_idx(tmp / "fashion")
+    if (SAMPLE_MODELS / "fmnist_resnet18_narrow.json").is_file():
+        model = "fmnist_resnet18_narrow"
+    else:
+        torch.manual_seed(0)
+        card = {"arch": "resnet18_narrow", "dataset": "fashion-mnist", "input_shape": [1, 28, 28],
+                "class_names": load_dataset("fashion-mnist", data_dir).class_names, "test_acc": 10.0}
+        save_model(create_model("resnet18_narrow", 10, 1), tmp / "stand_in", card)
+        model = str(tmp / "stand_in")
+    env = {"STRUCTGUARD_FASHION_DIR": str(data_dir), "STRUCTGUARD_RUNS": str(tmp / "runs"),
+           "STRUCTGUARD_MODEL": model, "HF_HUB_OFFLINE": "1",
+           "STRUCTGUARD_ENCODER": "clip-random:ViT-S-32", "STRUCTGUARD_DRIFT_METHOD": "pca"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+# The real engine with a tiny budget (1 PGD step, 2 proxies per image, 1 pass), so a run takes seconds.
+TINY = {"pgd_iters": 1, "n_adv": 2, "max_epochs": 1}
+REAL_EXECUTE_RUN = pipeline.execute_run
+
+
+def make_real_run(root: Path, model: str, method: str, forget_ids: list[int], parent: str | None = None,
+                  seed: int = 0) -> Path:
+    """A complete run directory written by the real engine (tiny budget, small evaluation sets)."""
+    request = pipeline.RunRequest(forget_ids=forget_ids, method=method, model=model, seed=seed, config=dict(TINY),
+                                  parent_run=str(root / parent) if parent else None,
+                                  data_dir=os.environ["STRUCTGUARD_FASHION_DIR"],
+                                  encoder=os.environ["STRUCTGUARD_ENCODER"], runs_root=str(root),
+                                  retain_eval=200, audit_per_class=3)
+    return REAL_EXECUTE_RUN(request)
+
+
+class GatedEngine:
+    """The real core.pipeline.execute_run (tiny budget) with test control over its timing.
+
+    `gate` holds the run at its first progress report until the test sets it; `block`
+    keeps it there until the page's Cancel reaches should_cancel, so the engine's own
+    cancel path raises.
+    """
+
+    def __init__(self, block: bool = False) -> None:
+        self.block, self.requests = block, []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, request: pipeline.RunRequest, callbacks) -> Path:
+        self.requests.append(request)
+        small = dataclasses.replace(request, config={**request.config, **TINY}, retain_eval=200, audit_per_class=3)
+        outer = callbacks.on_progress
+        held = [False]
+
+        def on_progress(fraction: float, message: str) -> None:
+            if not held[0]:
+                held[0] = True
+                while self.block and not callbacks.should_cancel():
+                    time.sleep(0.05)
+                self.gate.wait(30)
+            if outer:
+                outer(fraction, message)
+
+        callbacks.on_progress = on_progress
+        return REAL_EXECUTE_RUN(small, callbacks)
+
+
+def new_app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+
+
+def no_exceptions(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def wait_for_job(at: AppTest, limit: float = 60) -> None:
+    """Re-run the script (as the fragment would) until this session's job is no longer running."""
+    from dashboard import state
+
+    end = time.time() + limit
+    while time.time() < end:
+        job = state._job_registry().get(at.session_state.token)
+        if job is not None and job.status != "running":
+            job.thread.join(5)
+            at.run()
+            return
+        time.sleep(0.2)
+    raise AssertionError("the background job did not finish")
+
+
+def png_bytes(size: tuple[int, int] = (28, 28), mode: str = "L", noise: bool = False) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if noise:
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, size[::-1], dtype=np.uint8)).save(buf, format="PNG")
+    else:
+        Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- Start
+
+
+def test_start_page_shows_model_dataset_encoder_device(app_env) -> None:
+    at = new_app()
+    no_exceptions(at)
+    text = " ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
+    assert "Model" in text and "Dataset" in text and "Device" in text
+    assert "fashion-mnist" in text and "Source" in text
+    assert "clip-random:ViT-S-32" in text  # the encoder in use is named
+    assert any(b.label == "Run the teaching demo" for b in at.button)
+    assert at.session_state.token and at.query_params["s"] in (at.session_state.token, [at.session_state.token])
+
+
+def test_teaching_demo_runs_both_methods_and_opens_comparison(app_env, monkeypatch) -> None:
+    fake = GatedEngine()
+    monkeypatch.setattr(pipeline, "execute_run", fake)
+    at = new_app()
+    next(b for b in at.button if b.label == "Run the teaching demo").click().run()
+    no_exceptions(at)
+    wait_for_job(at)
+    no_exceptions(at)
+    assert [r.method for r in fake.requests] == ["neggrad", "structguard"]
+    assert fake.requests[0].forget_ids == fake.requests[1].forget_ids
+    assert at.title[0].value == "Runs"
+    assert len(at.session_state.compare_runs) == 2
+    assert any("Comparison of 2 runs" in s.value for s in at.subheader)
+
+
+# ---------------------------------------------------------------- Forget set
+
+
+def test_forget_set_click_select_random_and_filter(app_env) -> None:
+    at = new_app()
+    at.switch_page("pages/forget_set.py").run()
+    no_exceptions(at)
+    assert len(at.image) >= 24  # a page of enlarged thumbnails
+    first = next(b for b in at.button if b.key and b.key.startswith("tg_"))
+    sid = int(first.key[3:])
+    first.click().run()
+    assert at.session_state.selection == {sid}
+    assert at.button(key=f"tg_{sid}").label == "✓ selected"
+    at.button(key=f"tg_{sid}").click().run()
+    assert at.session_state.selection == set()
+
+    at.selectbox(key="fs_class").set_value(3).run()
+    assert all(b.key[3:].isdigit() for b in at.button if b.key and b.key.startswith("tg_"))
+    at.radio(key="fs_mode").set_value("per class").run()
+    at.number_input(key="fs_k").set_value(2).run()
+    next(b for b in at.button if b.label == "Draw random images").click().run()
+    no_exceptions(at)
+    assert len(at.session_state.selection) == 20  # 2 per class x 10 classes
+
+    at.selectbox(key="fs_filter").set_value("misclassified").run()
+    no_exceptions(at)
+    assert any("images match" in c.value for c in at.caption)
+
+
+def test_forget_set_uploads_are_validated(app_env) -> None:
+    at = new_app()
+    at.switch_page("pages/forget_set.py").run()
+    uploader = at.file_uploader[0]
+    bomb = png_bytes((3000, 2000))
+    files = [("good.png", png_bytes(), "image/png"), ("text.png", b"not an image at all", "image/png"),
+             ("broken.png", png_bytes((64, 64), noise=True)[:2000], "image/png"), ("huge.png", bomb, "image/png")]
+    uploader.set_value(files).run()
+    next(b for b in at.button if b.label == "Add uploaded images").click().run()
+    no_exceptions(at)
+    errors = " ".join(e.value for e in at.error)
+    assert "text.png: is not an image" in errors
+    assert "broken.png: is a damaged or truncated image" in errors
+    assert "huge.png" in errors and "decompression bomb" in errors
+    assert len(at.session_state.uploads) == 1 and at.session_state.uploads[0].pixels.shape == (1, 28, 28)
+
+    at.radio(key="fs_up_mode").set_value("from file name (<class>_anything.png)").run()
+    at.file_uploader[0].set_value([("Robot_1.png", png_bytes(), "image/png"),
+                                   ("sneaker_2.png", png_bytes(), "image/png")]).run()
+    next(b for b in at.button if b.label == "Add uploaded images").click().run()
+    assert any("Robot_1.png: label 'Robot' is not one of the classes" in e.value for e in at.error)
+    assert [u.label for u in at.session_state.uploads] == [0, 7]  # first class (the default), then "sneaker"
+
+    at.file_uploader[0].set_value([(f"{i}_x.png", png_bytes(), "image/png") for i in range(40)]).run()
+    next(b for b in at.button if b.label == "Add uploaded images").click().run()
+    assert any("Too many files" in e.value for e in at.error)
+    assert len(at.session_state.uploads) == 2
+
+
+def test_forget_set_save_and_load_id_lists(app_env) -> None:
+    at = new_app()
+    at.switch_page("pages/forget_set.py").run()
+    at.session_state.selection = {5, 7, 11}
+    at.run()
+    dl = at.download_button[0]
+    assert not dl.proto.disabled
+    at.file_uploader[1].set_value(("ids.txt", b"1\n2\n3 # comment\n", "text/plain")).run()
+    next(b for b in at.button if b.label == "Load this id list").click().run()
+    assert at.session_state.selection == {1, 2, 3}
+    at.file_uploader[1].set_value(("bad.json", b'{"ids": [1, -4]}', "application/json")).run()
+    next(b for b in at.button if b.label == "Load this id list").click().run()
+    assert any("is not a non-negative integer id" in e.value for e in at.error)
+    at.file_uploader[1].set_value(("far.json", b'{"ids": [99999999]}', "application/json")).run()
+    next(b for b in at.button if b.label == "Load this id list").click().run()
+    assert any("not in this split" in e.value for e in at.error)
+    assert at.session_state.selection == {1, 2, 3}
+
+
+# ---------------------------------------------------------------- Anchors
+
+
+def test_anchors_edit_warn_restore_import(app_env) -> None:
+    at = new_app()
+    at.switch_page("pages/anchors.py").run()
+    no_exceptions(at)
+    assert len(at.text_area) == 10
+    assert at.get("plotly_chart"), "anchor-similarity heatmap"
+    assert any("Encoder in use" in c.value for c in at.caption)
+    at.text_area[0].input("cotton\nshort sleeves\nshort sleeves").run()
+    no_exceptions(at)
+    assert at.session_state.anchor_texts["T-shirt/top"] == ["cotton", "short sleeves", "short sleeves"]
+    assert any("repeated attribute" in w.value for w in at.warning)
+    assert at.dataframe, "difference from the defaults"
+    at.text_area[1].input("").run()
+    assert any("empty attribute list" in e.value for e in at.error)
+    next(b for b in at.button if b.label == "Restore defaults").click().run()
+    no_exceptions(at)
+    assert not any("repeated attribute" in w.value for w in at.warning)
+
+    bad = json.dumps({"dataset": "fashion-mnist", "classes": {"T-shirt": ["x"]}}).encode()
+    at.file_uploader[0].set_value(("a.json", bad, "application/json")).run()
+    next(b for b in at.button if b.label == "Use this file").click().run()
+    assert any("does not fit fashion-mnist" in e.value and "missing classes" in e.value for e in at.error)
+    other = json.dumps({"dataset": "cifar10", "classes": {}}).encode()
+    at.file_uploader[0].set_value(("b.json", other, "application/json")).run()
+    next(b for b in at.button if b.label == "Use this file").click().run()
+    assert any("for dataset 'cifar10'" in e.value for e in at.error)
+    good = {c: [f"{c} attribute"] for c in at.session_state.anchor_texts}
+    at.file_uploader[0].set_value(("c.json", json.dumps({"classes": good}).encode(), "application/json")).run()
+    next(b for b in at.button if b.label == "Use this file").click().run()
+    no_exceptions(at)
+    assert at.session_state.anchor_texts == good
+
+
+# ---------------------------------------------------------------- Unlearn
+
+
+def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
+    fake = GatedEngine()
+    fake.gate.clear()
+    monkeypatch.setattr(pipeline, "execute_run", fake)
+    at = new_app()
+    at.switch_page("pages/unlearn.py").run()
+    no_exceptions(at)
+    start = next(b for b in at.button if b.label == "Start unlearning")
+    assert start.disabled and any("forget set is empty" in w.value for w in at.warning)
+    at.session_state.selection = {0, 1, 2, 3}
+    at.run()
+    assert {t.label.split(":")[0] for t in at.toggle} >= {"SA", "SR", "CR"}
+    at.toggle(key="un_sr").set_value(False).run()
+    at.number_input(key="un_structguard_max_epochs").set_value(3).run()
+    at.number_input(key="un_seed").set_value(7).run()
+    next(b for b in at.button if b.label == "Start unlearning").click().run()
+    no_exceptions(at)
+    assert at.get("progress") and any(b.label == "Cancel" for b in at.button)
+    fake.gate.set()
+    wait_for_job(at)
+    no_exceptions(at)
+    req = fake.requests[-1]
+    assert req.method == "structguard" and req.seed == 7 and sorted(req.forget_ids) == [0, 1, 2, 3]
+    assert req.config["sr"] is False and req.config["max_epochs"] == 3
+    assert at.title[0].value == "Audit", ([e.value for e in at.error], [w.value for w in at.warning])
+
+    at.switch_page("pages/unlearn.py").run()
+    at.segmented_control(key="un_method").set_value("neggrad").run()
+    no_exceptions(at)
+    assert not any(t.label.startswith("SA") for t in at.toggle)
+    labels = [n.label for n in at.number_input]
+    assert "PGD radius ε (L2)" not in labels and "Max epochs" in labels
+
+
+def test_unlearn_cancel_keeps_runs_intact(app_env, monkeypatch) -> None:
+    fake = GatedEngine(block=True)
+    monkeypatch.setattr(pipeline, "execute_run", fake)
+    before = {p.run_id for p in runs.list_runs(app_env["STRUCTGUARD_RUNS"])}
+    at = new_app()
+    at.session_state.selection = {4, 5}
+    at.switch_page("pages/unlearn.py").run()
+    next(b for b in at.button if b.label == "Start unlearning").click().run()
+    time.sleep(0.3)
+    at.run()
+    assert at.get("progress"), "progress bar while running"
+    next(b for b in at.button if b.label == "Cancel").click().run()
+    wait_for_job(at)
+    assert any("cancelled" in w.value for w in at.warning)
+    assert {p.run_id for p in runs.list_runs(app_env["STRUCTGUARD_RUNS"])} == before
+
+
+# ---------------------------------------------------------------- Audit
+
+
+@pytest.fixture(scope="module")
+def saved_run(app_env) -> Path:
+    return make_real_run(Path(app_env["STRUCTGUARD_RUNS"]), app_env["STRUCTGUARD_MODEL"], "structguard", [10, 20, 30])
+
+
+def test_audit_sections(app_env, saved_run) -> None:
+    at = new_app()
+    at.session_state.current_run = saved_run
+    at.switch_page("pages/audit.py").run()
+    no_exceptions(at)
+    labels = [m.label for m in at.metric]
+    assert "Forget accuracy" in labels and "Test accuracy" in labels
+    assert any(lbl.startswith("Structure") for lbl in labels)
+    assert len(at.download_button) >= 2
+    for section in ["Drift", "Affinity", "Grad-CAM", "Membership inference", "Record", "Accuracy"]:
+        at.segmented_control(key="audit_section").set_value(section).run()
+        no_exceptions(at)
+        assert not at.error, (section, [e.value for e in at.error])
+        if section != "Record":
+            assert at.get("plotly_chart"), section
+    next(b for b in at.button if b.label == "Prepare HTML report").click().run()
+    no_exceptions(at)
+    assert any(d.proto.label == "Download HTML report" for d in at.download_button)
+
+
+# ---------------------------------------------------------------- Runs
+
+
+def test_runs_table_compare_damaged_lineage_continue_delete(app_env, saved_run) -> None:
+    root = Path(app_env["STRUCTGUARD_RUNS"])
+    child = make_real_run(root, app_env["STRUCTGUARD_MODEL"], "structguard", [40], parent=saved_run.name, seed=1)
+    damaged = root / "20000101-000000-neggrad-k1-s0"
+    damaged.mkdir(parents=True, exist_ok=True)
+    (damaged / "run.json").write_text("{not json")
+    at = new_app()
+    at.switch_page("pages/runs.py").run()
+    no_exceptions(at)
+    table = at.dataframe[0].value
+    assert any(str(s).startswith("damaged") for s in table["status"])
+    ids = list(table["run"])
+
+    at.session_state.compare_runs = [saved_run.name, child.name]
+    at.session_state.runs_rev = 1
+    at.run()
+    no_exceptions(at)
+    assert any("Comparison of 2 runs" in s.value for s in at.subheader)
+
+    at.session_state.compare_runs = [child.name]
+    at.session_state.runs_rev = 2
+    at.run()
+    assert any(s.value == "Lineage" for s in at.subheader)
+    next(b for b in at.button if b.label == "Continue from this run").click().run()
+    no_exceptions(at)
+    assert at.title[0].value == "Unlearn"
+    assert at.session_state.continue_from == str(child)
+
+    at.switch_page("pages/runs.py").run()
+    at.session_state.compare_runs = [damaged.name]
+    at.session_state.runs_rev = 3
+    at.run()
+    next(b for b in at.button if b.label == "Delete for good").click().run()
+    no_exceptions(at)
+    assert not damaged.exists() and child.exists()
+    assert len(ids) == len([p for p in root.iterdir() if not p.name.startswith(".")]) + 1
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def test_two_sessions_never_share_selection_or_jobs(app_env, monkeypatch) -> None:
+    fake = GatedEngine(block=True)
+    monkeypatch.setattr(pipeline, "execute_run", fake)
+    a, b = new_app(), new_app()
+    assert a.session_state.token != b.session_state.token
+    a.switch_page("pages/forget_set.py").run()
+    b.switch_page("pages/forget_set.py").run()
+    a.button(key=next(x.key for x in a.button if x.key and x.key.startswith("tg_"))).click().run()
+    b.run()
+    assert len(a.session_state.selection) == 1 and b.session_state.selection == set()
+
+    a.switch_page("pages/unlearn.py").run()
+    next(x for x in a.button if x.label == "Start unlearning").click().run()
+    b.switch_page("pages/unlearn.py").run()
+    assert not b.get("progress"), "session B must not see A's job"
+    from dashboard import state
+
+    # A third session that copies A's URL token (?s=...) while A is alive does not get A's job ...
+    monkeypatch.setattr(state, "_session_alive", lambda sid: True)
+    c = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    c.query_params["s"] = a.session_state.token
+    c.run()
+    c.switch_page("pages/unlearn.py").run()
+    assert c.session_state.token == a.session_state.token and not c.get("progress")
+    # ... but after a reload (A's session is gone) the same token re-attaches to the running job.
+    monkeypatch.setattr(state, "_session_alive", lambda sid: False)
+    c.run()
+    assert c.get("progress") and any("reloaded" in i.value for i in c.info)
+    job = state._job_registry()[a.session_state.token]
+    job.cancel_event.set()
+    job.thread.join(10)
+    assert job.status == "cancelled"
