@@ -119,7 +119,7 @@ if len(ok) >= 2:
                                                          (a.get("structure") or {}).items()},
                       "dim alignment after": a.get("dim_alignment"), "steps": rec.meta.get("steps"),
                       "time (s)": (rec.meta.get("timings") or {}).get("total")}
-    frame = pd.DataFrame.from_dict(table, orient="index")  # one row per run: every column has one type
+    frame = pd.DataFrame.from_dict(table, orient="index").round(3)  # one row per run: one type per column
     st.dataframe(frame, width="stretch")
     accs = frame[["forget acc after", "retain acc after", "test acc after"]].astype(float)
     st.bar_chart(accs, stack=False, height=260, y_label="accuracy (%)")
