@@ -828,3 +828,23 @@ def test_cross_entropy_direction_of_neggrad_term(model, forget):
     with torch.no_grad():
         want = -F.cross_entropy(m(x), y).item()
     assert out.history[1]["terms"]["del"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_uploaded_images_join_the_forget_set(sample_model, tmp_path, data_dir, ds):
+    """User images (uint8 CxHxW with a label) are forgotten with the chosen ids and recorded by hash."""
+    img, label = ds.test.pixels[0].numpy(), int(ds.test.labels[0])
+    run = execute_run(_request(list(ds.train.ids[:2].tolist()), "neggrad", tmp_path, data_dir=data_dir,
+                               uploads=[(img, label)]))
+    meta = json.loads((run / "run.json").read_text())
+    with np.load(run / "audit.npz") as z:
+        ids, group = z["ids"], z["group"]
+    assert meta["k"] == 3 and meta["uploads"][0]["label"] == label and len(meta["uploads"][0]["sha256"]) == 64
+    assert list(ids[:3]) == [*ds.train.ids[:2].tolist(), -1] and list(group[:3]) == ["forget"] * 3
+
+
+def test_uploads_with_a_wrong_shape_or_label_are_refused(sample_model, tmp_path, data_dir, ds):
+    ok = ds.test.pixels[0].numpy()
+    for upload, match in (((ok[:, :20], 0), "must be"), ((ok, 10), "class indices")):
+        with pytest.raises(UnlearnError, match=match):
+            execute_run(_request([], "neggrad", tmp_path, data_dir=data_dir, uploads=[upload]))
+    _nothing_saved(tmp_path)
