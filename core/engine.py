@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .methods import Batch, Context, UnlearnConfig, get_method
+from .methods import Batch, Context, UnlearnConfig, get_method, original_proxy_features
 from .models import ResNet, load_weights, model_from_card
 from .proxy import Cancelled, make_proxy_set
 
@@ -211,9 +211,7 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
         ctx.R = anchor_map(d, ctx.anchors.shape[1], config.seed).to(device)
         projector = Projector(d).to(device)
         if config.projector_init == "identity":
-            with torch.no_grad():
-                feats = torch.cat([original.features(ctx.x_adv[i:i + 512]) for i in range(0, len(ctx.x_adv), 512)])
-            projector.init_identity(feats)
+            projector.init_identity(original_proxy_features(ctx))
         live = UnlearnedModel(live.backbone, projector).to(device)
         ctx.model = live
     cb.check_cancel("preparation")

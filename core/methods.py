@@ -167,6 +167,15 @@ class Context:
     state: dict[str, Any] = field(default_factory=dict)
 
 
+@torch.no_grad()
+def original_proxy_features(ctx: Context) -> torch.Tensor:
+    """h_theta0(x_adv) for the whole proxy set, computed once per run (projector init and S_ori share it)."""
+    if "f_ori" not in ctx.state:
+        x = ctx.x_adv
+        ctx.state["f_ori"] = torch.cat([ctx.original.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+    return ctx.state["f_ori"]
+
+
 def affinity(features: torch.Tensor, R: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """S = norm(f R) A^T: each sample's cosine to each class anchor."""
     return F.normalize(features @ R, dim=1) @ anchors.T
@@ -240,9 +249,7 @@ class StructGuard(Method):
 
     def _s_ori(self, ctx: Context) -> torch.Tensor:
         if "s_ori" not in ctx.state:  # original structure of every proxy sample, computed once
-            with torch.no_grad():
-                f0 = torch.cat([ctx.original.features(ctx.x_adv[i:i + 512]) for i in range(0, len(ctx.x_adv), 512)])
-                ctx.state["s_ori"] = affinity(f0, ctx.R, ctx.anchors)
+            ctx.state["s_ori"] = affinity(original_proxy_features(ctx), ctx.R, ctx.anchors)
         return ctx.state["s_ori"]
 
     def prepare(self, ctx: Context) -> None:

@@ -13,25 +13,34 @@ DA_ENERGY = 0.95  # dimensional alignment: the retain eigenspace holding 95% of 
 
 
 @torch.no_grad()
-def outputs(model: nn.Module, split: Split, positions: torch.Tensor, batch_size: int = 1000,
-            device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features in the prediction path, backbone features, softmax probabilities) for the given rows."""
+def batch_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prediction-path features, backbone features, softmax probabilities) of one batch, on the CPU."""
+    back = model.backbone_features(x) if hasattr(model, "backbone_features") else model.features(x)
+    proj = getattr(model, "projector", None)
+    f = proj(back) if proj is not None else back
+    return f.float().cpu(), back.float().cpu(), torch.softmax(model.classify(f), 1).float().cpu()
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, split: Split | torch.Tensor, positions: torch.Tensor | None = None,
+            batch_size: int = 1000, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """batch_outputs over the given rows of a split (or over a tensor of images), as numpy arrays."""
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
-    feats, backs, probs = [], [], []
-    for start in range(0, len(positions), batch_size):
-        x = to_device_format(split.images(positions[start:start + batch_size]), device)
-        back = model.backbone_features(x) if hasattr(model, "backbone_features") else model.features(x)
-        proj = getattr(model, "projector", None)
-        f = proj(back) if proj is not None else back
-        feats.append(f.float().cpu())
-        backs.append(back.float().cpu())
-        probs.append(torch.softmax(model.classify(f), 1).float().cpu())
+    n = len(split) if positions is None else len(positions)
+    parts = []
+    for start in range(0, n, batch_size):
+        if isinstance(split, torch.Tensor):
+            x = split[start:start + batch_size].to(device)
+        else:
+            rows = positions[start:start + batch_size] if positions is not None else slice(start, start + batch_size)
+            x = to_device_format(split.images(rows), device)
+        parts.append(batch_outputs(model, x))
     model.train(was)
-    if not feats:
+    if not parts:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return torch.cat(feats).numpy(), torch.cat(backs).numpy(), torch.cat(probs).numpy()
+    return tuple(torch.cat([p[i] for p in parts]).numpy() for i in range(3))  # type: ignore[return-value]
 
 
 def accuracy_from_probs(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -7,6 +7,7 @@ original model, unlearns, measures again, and writes the run directory atomicall
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import os
 import platform
 import resource
@@ -23,7 +24,7 @@ import torch
 
 from . import runs
 from .data import Dataset, DataError, load_dataset
-from .engine import Callbacks, UnlearnError, load_unlearned, run_unlearning, save_unlearned
+from .engine import Callbacks, UnlearnError, anchor_map, load_unlearned, run_unlearning, save_unlearned
 from .methods import default_config
 from .metrics import (accuracy_from_probs, affinity_matrix, dimensional_alignment, outputs, per_class_accuracy,
                       structure_scores, true_class_confidence)
@@ -89,8 +90,8 @@ def validate_forget_ids(ids: list[int], ds: Dataset, already_forgotten: set[int]
     n = len(ds.train)
     if len(ids) > n:
         raise UnlearnError(f"the forget set has {len(ids)} ids but the training set only {n} images")
-    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(ids) < 5000 else []
-    if len(set(ids)) != len(ids):
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dupes:
         raise UnlearnError(f"the forget set repeats ids {dupes[:10]}; each image can be forgotten once")
     known = set(ds.train.ids.tolist())
     bad = [i for i in ids if i not in known]
@@ -199,7 +200,7 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     # Rows: forget set, retain subset for A_r, full test set, and the audit sample.
     f_pos = ds.train.positions(ids) if ids else torch.empty(0, dtype=torch.long)
     all_forgotten = forgotten_before | set(ids)
-    keep = torch.tensor([i not in all_forgotten for i in ds.train.ids.tolist()])
+    keep = ~torch.isin(ds.train.ids, torch.tensor(sorted(all_forgotten), dtype=torch.long))
     retain_pool = torch.nonzero(keep).squeeze(1)
     r_pos = _stable_positions(retain_pool, request.retain_eval, seed=0)
     retain_set = "full" if len(r_pos) == len(retain_pool) and ds.full else f"subset of {len(r_pos)}"
@@ -230,13 +231,11 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     before_t = _outputs_cached(model_key + "|test", model, ds.test, t_pos, cache)
     before_ar = _outputs_cached(model_key + "|train", model, ds.train, a_ret, cache)
     before_at = _outputs_cached(model_key + "|test", model, ds.test, a_test, cache)
-    with torch.no_grad():
-        before_f = _forget_outputs(model, x_forget)
+    before_f = outputs(model, x_forget)
     timings["evaluation_before"] = time.perf_counter() - t0
 
     anchors_np = anchor_set.matrix.cpu().numpy()
     d = before_ar[0].shape[1]
-    from .engine import anchor_map
     R = anchor_map(d, anchors_np.shape[1], config.seed).numpy()
 
     # Snapshots: prediction-path features of the audit sample during the updates (the collapse timeline).
@@ -278,8 +277,7 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     after_t = outputs(live, ds.test, t_pos)
     after_ar = outputs(live, ds.train, a_ret)
     after_at = outputs(live, ds.test, a_test)
-    with torch.no_grad():
-        after_f = _forget_outputs(live, x_forget)
+    after_f = outputs(live, x_forget)
     timings["evaluation"] = time.perf_counter() - t0
 
     y_f = y_forget.cpu().numpy()
@@ -377,16 +375,6 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
         raise
     cb.progress(1.0, f"saved {final.name}")
     return final
-
-
-@torch.no_grad()
-def _forget_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple:
-    model.eval()
-    back = model.backbone_features(x) if hasattr(model, "backbone_features") else model.features(x)
-    proj = getattr(model, "projector", None)
-    f = proj(back) if proj is not None else back
-    probs = torch.softmax(model.classify(f), 1)
-    return f.float().cpu().numpy(), back.float().cpu().numpy(), probs.float().cpu().numpy()
 
 
 __all__ = ["DataError", "RunRequest", "cached_dataset", "execute_run", "validate_forget_ids"]
