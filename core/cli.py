@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -113,6 +114,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     card = save_model(model.cpu().to(memory_format=torch.contiguous_format), args.out, card)
     print(f"saved {args.out}.safetensors ({card['weights_sha256'][:12]}), test accuracy {acc:.2f}% "
           f"in {log['seconds']:.0f} s on {log['device']}")
+    return 0
+
+
+# ---------------------------------------------------------------------- retrain
+
+
+def _retrain_args(p: argparse.ArgumentParser) -> None:
+    _data_args(p)
+    _device_arg(p)
+    p.add_argument("--model", default="fmnist_resnet18_narrow", help="base model whose recipe is retrained")
+    p.add_argument("--ids", default=None, help="file with the forget ids (JSON list or one per line)")
+    p.add_argument("--k", type=int, default=None, help="or: the bench's random forget set of size k ...")
+    p.add_argument("--forget-seed", type=int, default=0, help="... drawn with this seed (as `unlearn --k --seed`)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the base model's)")
+    p.add_argument("--out", default=None, help="output path without extension (default: bench/retrain/...)")
+
+
+@command("retrain", _retrain_args)
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Retrain the base model's recipe from scratch without the forget set (the reference)."""
+    from .cli_unlearn import random_forget_ids, read_ids
+    from .retrain import ids_hash, retrain, retrain_dir, save_retrained
+
+    if (args.ids is None) == (args.k is None):
+        print("error: give --ids FILE or --k K (with --forget-seed S)", file=sys.stderr)
+        return 2
+    ids = read_ids(args.ids) if args.ids else random_forget_ids(args.dataset, args.data_dir, args.k, args.forget_seed)
+    base = load_model(args.model)
+    ds = load_dataset(args.dataset, args.data_dir)
+    if not ds.full:
+        print(f"warning: retraining on {ds.source_kind} data ({len(ds.train)} images), not the full set",
+              file=sys.stderr)
+    name = Path(args.model).stem
+    tag = f"k{args.k}-seed{args.forget_seed}" if args.k is not None else f"ids-{ids_hash(ids)}"
+    out = args.out or str(retrain_dir() / name / tag)
+    model, card = retrain(ds, base, ids, pick_device(args.device), args.seed)
+    card["training"]["command"] = "python -m core " + shlex.join(sys.argv[1:])
+    card = save_retrained(model, card, out)
+    print(f"saved {out}.safetensors: {len(ids)} ids left out, test accuracy {card['test_accuracy']:.2f}% "
+          f"in {card['training']['seconds']:.0f} s on {card['training']['device']} "
+          f"({card['training']['threads']} threads)")
     return 0
 
 

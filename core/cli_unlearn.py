@@ -18,8 +18,14 @@ from .methods import METHODS, UnlearnConfig
 from .pipeline import RunRequest, cached_dataset, execute_run
 from .proxy import Cancelled
 
-CONFIG_FLAGS = ("lr", "projector_lr", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam", "max_epochs",
-                "projector_init")
+CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
+                "max_epochs", "projector_init", "schedule", "deletion", "margin", "bn")
+CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge", "masked_ce", "ce"), "bn": ("frozen", "train"),
+           "projector_init": ("identity", "random")}
+HELP = {"schedule": "ours (default: engine v2) or paper (the authors' loop: CE ascent, train-mode BN, random "
+                    "projector, their budgets and learning rates)",
+        "deletion": "deletion term: hinge (bounded, default), masked_ce, or ce (the published ascent)",
+        "bn": "backbone BatchNorm during updates: frozen (default) or train"}
 
 
 def random_forget_ids(dataset: str, data_dir: str | None, k: int, seed: int) -> list[int]:
@@ -45,8 +51,8 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     defaults = UnlearnConfig()
     for flag in CONFIG_FLAGS:
         kind = type(getattr(defaults, flag))
-        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
-                       help=f"override the per-dataset default of {flag}")
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, choices=CHOICES.get(flag),
+                       help=HELP.get(flag, f"override the default of {flag} (per dataset and forget size)"))
     for switch in ("sa", "sr", "cr"):
         p.add_argument(f"--no-{switch}", action="store_true", help=f"StructGuard ablation: turn {switch.upper()} off")
 
@@ -154,66 +160,130 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ bench
 
+# Bench variants: "method" or "method:variant"; each variant is a set of config overrides.
+VARIANTS: dict[str, dict] = {"": {}, "paper": {"schedule": "paper"}, "no-sa": {"sa": False},
+                             "no-sr": {"sr": False}, "no-cr": {"cr": False}}
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     _request_args(p)
-    p.add_argument("--methods", default="neggrad,adv,l2ul,structguard")
+    p.add_argument("--methods", default="neggrad,adv,l2ul,structguard,structguard:paper,structguard:no-sa,"
+                                        "structguard:no-sr,structguard:no-cr",
+                   help="methods, each optionally with a variant: " + ", ".join(v for v in VARIANTS if v))
     p.add_argument("--ks", default="8,32,128")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="docs/BENCHMARKS-results.md", help="markdown table to write")
     p.add_argument("--jsonl", default=None, help="also append one JSON row per run here")
 
 
-def _fmt(values: list[float]) -> str:
-    vals = [v for v in values if v == v]
+def _fmt(values: list[float], ci: bool = False, digits: int = 2) -> str:
+    vals = [v for v in values if v is not None and v == v]
     if not vals:
         return "n/a"
     if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+        return f"{vals[0]:.{digits}f}"
+    mean, sd = statistics.mean(vals), statistics.stdev(vals)
+    text = f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    if ci:
+        half = T95.get(len(vals), 1.96) * sd / len(vals) ** 0.5
+        text += f" [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+    return text
+
+
+def _variant(spec: str) -> tuple[str, dict]:
+    method, _, variant = spec.partition(":")
+    if method not in METHODS or variant not in VARIANTS:
+        raise UnlearnError(f"unknown bench entry {spec!r}: use a method ({', '.join(METHODS)}) optionally "
+                           f"followed by :{', :'.join(v for v in VARIANTS if v)}")
+    return method, VARIANTS[variant]
+
+
+def bench_row(run_dir: Path, label: str) -> dict:
+    meta = json.loads((run_dir / "run.json").read_text())
+    row = dict(result_row(run_dir), label=label)
+    ref = meta["metrics"].get("retrain")
+    row["retrain"] = ref and {k: ref[k] for k in ("forget_acc", "retain_acc", "test_acc")}
+    row["tug_of_war"] = ref["tug_of_war"] if ref else None
+    row["gap_test"] = ref["gap"]["test_acc"] if ref else None
+    row["mia"] = ref["mia_forget_member_rate"] if ref else None
+    row["term_shares"], row["importance"] = meta.get("term_shares"), meta.get("importance")
+    return row
+
+
+def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]:
+    """Mean ± std (A_test also its 95% t-interval) over seeds, per k and method, with the references."""
+    lines = ["| k | method | A_f | A_r | A_test [95% CI] | A_test - retrain | Tug-of-War | MIA forget member rate | "
+             "affinity cos | forgot | steps | seconds (proxy / importance / updates / eval) | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in ks:
+        group = [r for r in rows if r["k"] == k]
+        if not group:
+            continue
+        firsts = [r for r in group if r["label"] == group[0]["label"]]
+        accs = [_fmt([r["before"][c] for r in firsts]) for c in ("forget_acc", "retain_acc", "test_acc")]
+        lines.append(f"| {k} | original | {accs[0]} | {accs[1]} | {accs[2]} | | | | 1 | | | | |")
+        refs = [r for r in firsts if r["retrain"]]
+        if refs:
+            accs = [_fmt([r["retrain"][c] for r in refs]) for c in ("forget_acc", "retain_acc", "test_acc")]
+            lines.append(f"| {k} | retrain ({len(refs)} of {len(firsts)} seeds) | {accs[0]} | {accs[1]} | {accs[2]} "
+                         f"| 0 | 1 | {_fmt([r['mia']['retrain'] for r in refs])} | | | | | |")
+        for label in labels:
+            rs = [r for r in group if r["label"] == label]
+            if not rs:
+                continue
+            t = [r["timings"] for r in rs]
+            phases = [[x.get("proxy") for x in t], [x.get("importance") for x in t], [x.get("updates") for x in t],
+                      [x.get("evaluation", 0) + x.get("evaluation_before", 0) for x in t]]
+            secs = f"{_fmt([r['seconds'] for r in rs], digits=1)} (" + " / ".join(
+                _fmt(v, digits=1) for v in phases) + ")"
+            forgot = sum(r["forget_acc"] == 0.0 for r in rs)
+            lines.append(
+                f"| {k} | {label} | {_fmt([r['forget_acc'] for r in rs])} | {_fmt([r['retain_acc'] for r in rs])} | "
+                f"{_fmt([r['test_acc'] for r in rs], ci=True)} | {_fmt([r['gap_test'] for r in rs])} | "
+                f"{_fmt([r['tug_of_war'] for r in rs], digits=3)} | "
+                f"{_fmt([r['mia']['unlearned'] if r['mia'] else None for r in rs])} | "
+                f"{_fmt([r['structure_score'] for r in rs], digits=3)} | {forgot}/{len(rs)} | "
+                f"{_fmt([r['steps'] for r in rs], digits=0)} | {secs} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
+    return lines
 
 
 @command("bench", _bench_args)
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run a grid of methods x k x seeds and write a markdown table (mean ± std over seeds)."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    """Run a grid of methods (and variants) x k x seeds; write a markdown table (mean ± std over seeds)."""
+    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        variants = {label: _variant(label) for label in labels}
+    except UnlearnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ks = [int(k) for k in args.ks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[dict] = []
     t0 = time.time()
     for k in ks:
         for seed in seeds:
-            for method in methods:
+            for label in labels:
+                method, overrides = variants[label]
                 request = build_request(args, method, k, seed)
-                run_dir = execute_run(request)
-                row = result_row(run_dir)
+                request.config = dict(request.config, **overrides)
+                row = bench_row(execute_run(request), label)
                 rows.append(row)
-                tqdm.write(f"{method:12} k={k:<4} seed={seed} A_f {row['forget_acc']:6.2f} "
+                tqdm.write(f"{label:20} k={k:<4} seed={seed} A_f {row['forget_acc']:6.2f} "
                            f"A_r {row['retain_acc']:6.2f} A_test {row['test_acc']:6.2f} "
-                           f"struct {row['structure_score']:.3f} {row['seconds']:.0f}s")
+                           f"ToW {row['tug_of_war'] if row['tug_of_war'] is not None else float('nan'):.3f} "
+                           f"steps {row['steps']} {row['seconds']:.0f}s")
                 if args.jsonl:
                     with open(args.jsonl, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
-    lines = ["| k | method | A_f | A_r | A_test | affinity cos | CKA | 10-NN overlap | dim. align. | steps | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in ks:
-        group = [r for r in rows if r["k"] == k]
-        orig = group[0]["before"] if group else None
-        if orig:
-            first = [r["before"] for r in group if r["method"] == methods[0]]
-            acc = [_fmt([b[c] for b in first]) for c in ("forget_acc", "retain_acc", "test_acc")]
-            lines.append(f"| {k} | original | {acc[0]} | {acc[1]} | {acc[2]} | 1 | 1 | 1 | | | |")
-        for method in methods:
-            rs = [r for r in group if r["method"] == method]
-            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-                k, method, *(_fmt([r[c] for r in rs]) for c in
-                             ("forget_acc", "retain_acc", "test_acc", "structure_score", "cka", "knn_overlap",
-                              "dim_alignment", "steps", "seconds"))))
+    first = rows[0] if rows else {}
     header = (f"Command: `python -m core {' '.join(sys.argv[1:])}`\n\n"
-              f"Device: {rows[0]['device'] if rows else '?'}; anchors: {rows[0]['encoder'] if rows else '?'}; "
-              f"A_r on the retain {rows[0]['retain_set'] if rows else '?'}; mean ± std over seeds {seeds}; "
-              f"total {time.time() - t0:.0f} s.\n\n")
+              f"Device: {first.get('device', '?')}; torch threads: {torch.get_num_threads()}; anchors: "
+              f"{first.get('encoder', '?')}; A_r on the retain {first.get('retain_set', '?')}; mean ± std over "
+              f"seeds {seeds} (A_test also its 95% t-interval); retrain: the base recipe trained without the forget "
+              f"set (bench/retrain), where one exists; total {time.time() - t0:.0f} s.\n\n")
+    text = header + "\n".join(bench_table(rows, labels, ks)) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(header + "\n".join(lines) + "\n")
-    print(header + "\n".join(lines))
+    Path(args.out).write_text(text)
+    print(text)
     return 0

@@ -155,10 +155,8 @@ class Outcome:
 
 @torch.no_grad()
 def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor, step: int = 0) -> float:
-    was = model.training
     model.eval()
     logits = model(x_f)
-    model.train(was)
     if not torch.isfinite(logits).all():  # NaN logits would otherwise count as "forgotten"
         when = f"after step {step}" if step else "before any update"
         raise UnlearnError(f"the model's outputs on the forget set are not finite {when} (weights or BatchNorm "
@@ -166,14 +164,30 @@ def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor, ste
     return float((logits.argmax(1) == y_f).float().mean() * 100)
 
 
+def _update_mode(model: UnlearnedModel, config: UnlearnConfig, checked: bool) -> None:
+    """Module modes during update steps.
+
+    bn="frozen": everything in eval mode (BatchNorm keeps the original running statistics; the
+    bounded deletion term does not inflate activations, so nothing needs re-normalising).
+    bn="train": train mode, as the authors; their loop never puts the projector back in train mode
+    after its first forget-accuracy check, so with schedule="paper" it stays in eval mode from then on.
+    """
+    if config.bn == "frozen":
+        model.eval()
+        return
+    model.train()
+    if config.schedule == "paper" and checked and model.projector is not None:
+        model.projector.eval()
+
+
 def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Tensor, num_classes: int,
                    config: UnlearnConfig, anchors: torch.Tensor | None = None,
                    callbacks: Callbacks | None = None) -> Outcome:
     """Unlearn (x_forget, y_forget) from `model` with config.method; the input model is not modified.
 
-    Phases: proxy set (PGD against the original), `prepare` (importance), then update
-    steps in passes over the proxy set (the forget set for NegGrad) until forget accuracy
-    is 0 or max_epochs passes. Cancel is checked between steps; a NaN loss stops the run.
+    Phases: proxy set (PGD against the original), `prepare`, then update steps in passes
+    over the proxy set (the forget set for NegGrad) until forget accuracy is 0 or max_epochs
+    passes. Cancel is checked between steps; a NaN loss stops the run.
     """
     config.validate()
     cb = callbacks or Callbacks()
@@ -196,7 +210,7 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
         ctx.x_adv, ctx.y_adv, _ = make_proxy_set(
             original, x_forget, y_forget, num_classes, config.n_adv, config.eps, config.pgd_step, config.pgd_iters,
             config.seed, on_chunk=lambda done, total: cb.progress(0.4 * done / total, f"proxy set {done}/{total}"),
-            should_cancel=cb.should_cancel)
+            should_cancel=cb.should_cancel, early_exit=config.pgd_early_exit)
     timings["proxy"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -215,12 +229,11 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
         live = UnlearnedModel(live.backbone, projector).to(device)
         ctx.model = live
     cb.check_cancel("preparation")
-    cb.progress(0.4, f"{recipe.name}: computing importance weights")
+    cb.progress(0.4, f"{recipe.name}: preparing")
     recipe.prepare(ctx)
     timings["importance"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    live.train()
     opt = recipe.optimizer(ctx)
     gen = torch.Generator().manual_seed(config.seed + 1)
     n_pool = len(ctx.x_adv) if recipe.needs_proxy else len(x_forget)
@@ -230,14 +243,14 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     step, stop_reason = 0, "max_epochs"
     f_order = torch.randperm(len(x_forget), generator=gen)
     f_pos = 0
+    checked = config.check_first_pass
     acc = _forget_accuracy(live, x_forget, y_forget)
     if cb.on_snapshot:
-        live.eval()
         cb.on_snapshot(0, live)
-        live.train()
     history.append({"step": 0, "epoch": 0.0, "loss": None, "terms": {}, "forget_acc": acc})
-    if acc == 0.0:
+    if acc == 0.0 and checked:
         stop_reason = "forgotten"
+    _update_mode(live, config, checked=False)
     while stop_reason != "forgotten" and step < max_steps:
         order = torch.randperm(n_pool, generator=gen)
         for s in range(steps_per_epoch):
@@ -254,6 +267,7 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
                 batch = Batch(x_forget[f_rows], y_forget[f_rows], ctx.x_adv[rows], ctx.y_adv[rows], rows)
             else:
                 batch = Batch(x_forget[rows], y_forget[rows])
+            ctx.step = step
             terms = recipe.losses(ctx, batch)
             loss = torch.stack(list(terms.values())).sum()
             if not torch.isfinite(loss):
@@ -264,26 +278,47 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             loss.backward()
             opt.step()
             step += 1
-            acc = _forget_accuracy(live, x_forget, y_forget, step)
+            # The authors skip the check during the first pass (a random projector would stop the run at once).
+            checked = checked or step > steps_per_epoch
+            if checked:
+                acc = _forget_accuracy(live, x_forget, y_forget, step)
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
-                      "terms": {k: float(v.detach()) for k, v in terms.items()}, "forget_acc": acc}
+                      "terms": {k: float(v.detach()) for k, v in terms.items()},
+                      "forget_acc": acc if checked else None}  # None: not checked at this step
             history.append(record)
             if cb.on_step:
                 cb.on_step(record)
-            if cb.on_snapshot and (step % max(cb.snapshot_every, 1) == 0 or acc == 0.0):
+            done = checked and acc == 0.0
+            if cb.on_snapshot and (step % max(cb.snapshot_every, 1) == 0 or done):
                 live.eval()
                 cb.on_snapshot(step, live)
-                live.train()
-            cb.progress(0.45 + 0.45 * step / max_steps, f"{recipe.name}: step {step}, forget accuracy {acc:.1f}%")
-            if acc == 0.0:
+            _update_mode(live, config, checked)
+            shown = f"forget accuracy {acc:.1f}%" if checked else "first pass, forget accuracy not checked yet"
+            cb.progress(0.45 + 0.45 * step / max_steps, f"{recipe.name}: step {step}, {shown}")
+            if done:
                 stop_reason = "forgotten"
                 break
             if step >= max_steps:
                 break
     live.eval()
     timings["updates"] = time.perf_counter() - t0
+    if "importance" in ctx.state:  # measured inside the updates: move its time to its own phase
+        timings["importance"] += ctx.state["importance"]["seconds"]
+        timings["updates"] -= ctx.state["importance"]["seconds"]
     proxy = (ctx.x_adv, ctx.y_adv) if recipe.needs_proxy else None
-    return Outcome(live, history, timings, stop_reason, step, proxy)
+    extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
+        if "importance" in ctx.state else {}
+    return Outcome(live, history, timings, stop_reason, step, proxy, extra)
+
+
+def term_shares(history: list[dict]) -> dict[str, float]:
+    """Each loss term's share of the run: sum over steps of |term| / sum of all |terms|."""
+    totals: dict[str, float] = {}
+    for record in history:
+        for name, value in record.get("terms", {}).items():
+            totals[name] = totals.get(name, 0.0) + abs(value)
+    grand = sum(totals.values())
+    return {name: (v / grand if grand else 0.0) for name, v in totals.items()}
 
 
 # --------------------------------------------------------------- persistence
@@ -325,4 +360,4 @@ def load_unlearned(run_dir: str | Path) -> UnlearnedModel:
 
 
 __all__ = ["Callbacks", "Cancelled", "Outcome", "Projector", "UnlearnError", "UnlearnedModel", "anchor_map",
-           "build_unlearned", "load_unlearned", "run_unlearning", "save_unlearned", "wrap"]
+           "build_unlearned", "load_unlearned", "run_unlearning", "save_unlearned", "term_shares", "wrap"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,6 +42,20 @@ class UnlearnConfig:
     max_epochs: int = 100             # passes over the proxy set (forget set for NegGrad)
     importance_chunk: int = 64        # per-sample gradients computed this many at a time
     seed: int = 0
+    # Engine v2 (docs/METHOD.md, "Deletion that stops"): how the loop behaves. `schedule="paper"`
+    # sets all of them to the authors' loop (PAPER_SCHEDULE below).
+    schedule: str = "ours"            # "ours" or "paper"; recorded, and "paper" applies PAPER_SCHEDULE
+    deletion: str = "hinge"           # "ce" (published ascent), "masked_ce" or "hinge" (bounded)
+    margin: float = 1.0               # hinge: push the true logit this far below the best other one
+    deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
+                                      # or "prediction" (through the projector, where forgetting is checked)
+    bn: str = "frozen"                # backbone BatchNorm during updates: "frozen" (eval) or "train"
+    check_first_pass: bool = True     # check forget accuracy during the first pass (the authors do not)
+    importance: str = "batch"         # SR importance: "batch" (|grad| of batch means) or "per_sample" (vmap)
+    importance_after: int = 1         # update steps taken before SR importance is measured
+    sr_from: int = 1                  # first step (counted in updates already taken) with the SR term
+    sr_normalise: bool = True         # scale SR importance to [0, 1] (by its max) so lam sets the strength
+    pgd_early_exit: bool = True       # a proxy stops moving once the original model predicts its target
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -64,18 +79,28 @@ class UnlearnConfig:
             raise ValueError("n_adv must be >= 1 and pgd_iters >= 0")
         if self.projector_init not in ("identity", "random"):
             raise ValueError("projector_init must be 'identity' or 'random'")
+        choices = {"schedule": ("ours", "paper"), "deletion": ("ce", "masked_ce", "hinge"), "bn": ("frozen", "train"),
+                   "deletion_path": ("backbone", "prediction"), "importance": ("per_sample", "batch")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.importance_after < 0 or self.sr_from < self.importance_after:
+            raise ValueError("need 0 <= importance_after <= sr_from (importance is measured before SR starts)")
 
 
 # The authors' CIFAR-10 / ResNet-18 defaults (DESIGN.md section 5).
 BASELINE_CIFAR = dict(lr=0.001, momentum=0.9, weight_decay=1e-4, eps=4.0, pgd_step=0.1, pgd_iters=100, n_adv=20)
 STRUCTGUARD_CIFAR = dict(lr=0.005, projector_lr=0.009, momentum=0.0, weight_decay=0.0, eps=3.0, pgd_step=0.1,
                          pgd_iters=100, n_adv=20)
-# Fashion-MNIST (784-d inputs, a 2-core CPU): 10 PGD steps of eps/4, at most 30 passes, and the
-# learning rate and eps of each method chosen on held-out TRAINING data (bench/tune.py, k=32, forget
-# ids drawn with seed 100; bench/results/tuning*.md): the highest retain accuracy among settings that
-# forget completely. The test set is never read for this.
-FASHION = dict(pgd_iters=10, n_adv=20, max_epochs=30)
+# Fashion-MNIST (784-d inputs, a 2-core CPU), engine v2 (docs/METHOD.md): one budget for every
+# method (20 adversarial images per forget image, at most 10 PGD steps of eps/4 with early exit,
+# at most 20 passes), the bounded hinge deletion with frozen BatchNorm and momentum 0.9, eps 0.5
+# (boundary proxies; chosen on held-out training data, bench/results/v2/). The learning rate of
+# each method is chosen per forget size (BY_K below).
+FASHION = dict(pgd_iters=10, n_adv=20, max_epochs=20, eps=0.5, pgd_step=0.125, momentum=0.9, weight_decay=0.0)
 CIFAR100 = dict(n_adv=200, eps=1.0)
+# Per forget size (chosen on held-out training data, bench/tune.py); the nearest k on a log scale applies.
+BY_K: dict[str, dict[str, dict[int, dict]]] = {"fashion-mnist": {}}
 
 DEFAULTS: dict[str, dict[str, dict]] = {
     "cifar10": {"neggrad": BASELINE_CIFAR, "adv": BASELINE_CIFAR, "l2ul": BASELINE_CIFAR,
@@ -83,21 +108,61 @@ DEFAULTS: dict[str, dict[str, dict]] = {
     "cifar100": {m: dict(BASELINE_CIFAR, **CIFAR100) for m in ("neggrad", "adv", "l2ul")}
     | {"structguard": dict(STRUCTGUARD_CIFAR, **CIFAR100, lr=0.001, projector_lr=0.01)},
     "fashion-mnist": {
-        "neggrad": dict(BASELINE_CIFAR, **FASHION, lr=0.01),
-        "adv": dict(BASELINE_CIFAR, **FASHION, lr=0.01, eps=1.0, pgd_step=0.25),
-        "l2ul": dict(BASELINE_CIFAR, **FASHION, lr=0.01, eps=2.0, pgd_step=0.5),
-        "structguard": dict(STRUCTGUARD_CIFAR, **FASHION, lr=0.03, projector_lr=0.054, eps=1.0, pgd_step=0.25),
+        "neggrad": dict(BASELINE_CIFAR, **FASHION, lr=0.001),
+        "adv": dict(BASELINE_CIFAR, **FASHION, lr=0.001),
+        "l2ul": dict(BASELINE_CIFAR, **FASHION, lr=0.001),
+        "structguard": dict(STRUCTGUARD_CIFAR, **FASHION, lr=0.001, projector_lr=0.0018, lam=10.0),
     },
 }
 
 
-def default_config(method: str, dataset: str = "fashion-mnist", **overrides: Any) -> UnlearnConfig:
-    """The per-dataset defaults for a method, with overrides applied and validated."""
+# The authors' loop (DESIGN.md section 5), one flag away: `schedule="paper"`. Their deletion term
+# (CE ascent), BatchNorm in train mode, 100 PGD steps of 0.1 run to the end, up to 100 passes and
+# their optimisers; for StructGuard also a random projector, no forget check during the first
+# pass, importance from batch-mean gradients after the first step, SR from the third step, raw
+# (unnormalised) importance, L_del through the backbone path, and the projector left in eval mode
+# after the first check (engine._update_mode). eps stays the dataset's: the authors say to retune it.
+PAPER_COMMON = dict(schedule="paper", deletion="ce", bn="train", pgd_step=0.1, pgd_iters=100, pgd_early_exit=False,
+                    max_epochs=100)
+PAPER_SCHEDULE: dict[str, dict] = {
+    "neggrad": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),
+    "adv": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),
+    "l2ul": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4, lam=1.0),
+    "structguard": dict(PAPER_COMMON, lr=0.005, projector_lr=0.009, momentum=0.0, weight_decay=0.0, lam=1.0,
+                        projector_init="random", check_first_pass=False, importance="batch", importance_after=1,
+                        sr_from=2, sr_normalise=False, deletion_path="backbone"),
+}
+
+
+def tuned_k(method: str, dataset: str, k: int | None) -> int | None:
+    """The tuned forget size nearest to k on a log scale (None when the method has no per-k table)."""
+    table = BY_K.get(dataset, {}).get(method, {})
+    if not table or not k:
+        return None
+    return min(table, key=lambda t: abs(math.log(t) - math.log(max(k, 1))))
+
+
+def settings_for_k(method: str, dataset: str, k: int | None) -> dict:
+    """The per-k settings of a method: those of the tuned k nearest to this one."""
+    bucket = tuned_k(method, dataset, k)
+    return {} if bucket is None else dict(BY_K[dataset][method][bucket])
+
+
+def default_config(method: str, dataset: str = "fashion-mnist", k: int | None = None,
+                   **overrides: Any) -> UnlearnConfig:
+    """The defaults for a method on a dataset and forget size k, with overrides applied and validated.
+
+    `schedule="paper"` among the overrides replaces the tuned defaults by the authors' loop
+    (PAPER_SCHEDULE); other overrides still apply on top.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     table = DEFAULTS.get(dataset, DEFAULTS["fashion-mnist"])
-    cfg = UnlearnConfig(method=method, **table[method])
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    values = dict(table[method], **settings_for_k(method, dataset, k))
+    if overrides.get("schedule") == "paper":
+        values.update(PAPER_SCHEDULE[method])
+    cfg = UnlearnConfig(method=method, **values)
+    cfg = dataclasses.replace(cfg, **{k2: v for k2, v in overrides.items() if v is not None})
     cfg.validate()
     return cfg
 
@@ -135,6 +200,25 @@ def weighted_l2_penalty(model: nn.Module, reference: dict[str, torch.Tensor],
     return 0.5 * torch.stack(terms).sum()
 
 
+def deletion_loss(logits: torch.Tensor, y: torch.Tensor, config: UnlearnConfig) -> torch.Tensor:
+    """The deletion term (to minimise), in the form config.deletion chooses.
+
+    ce:        -CE(logits, y): the published gradient ascent; unbounded, it keeps pushing after
+               the images are forgotten.
+    masked_ce: -CE over the rows the batch still classifies correctly; zero once all are wrong.
+    hinge:     relu(margin + z_y - max_{j != y} z_j), averaged: pushes the true logit below the best
+               other class by `margin`, then stops (zero loss, zero gradient).
+    """
+    if config.deletion == "ce":
+        return -F.cross_entropy(logits, y)
+    if config.deletion == "masked_ce":
+        still = (logits.argmax(1) == y).float()
+        return -(F.cross_entropy(logits, y, reduction="none") * still).sum() / len(y)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return F.relu(config.margin + true - other).mean()
+
+
 @dataclass
 class Batch:
     x_f: torch.Tensor
@@ -165,6 +249,7 @@ class Context:
     anchors: torch.Tensor | None = None  # C x e, unit rows
     R: torch.Tensor | None = None        # d x e map from feature to anchor space
     state: dict[str, Any] = field(default_factory=dict)
+    step: int = 0                        # update steps taken so far (the loop keeps it current)
 
 
 @torch.no_grad()
@@ -206,7 +291,7 @@ class NegGrad(Method):
     summary = "gradient ascent on the forget set"
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
-        return {"del": -F.cross_entropy(ctx.model(b.x_f), b.y_f)}
+        return {"del": deletion_loss(ctx.model(b.x_f), b.y_f, ctx.config)}
 
 
 class Adv(Method):
@@ -215,7 +300,7 @@ class Adv(Method):
     summary = "ascent on the forget set + descent on adversarial proxies"
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
-        return {"del": -b.w_f * F.cross_entropy(ctx.model(b.x_f), b.y_f),
+        return {"del": b.w_f * deletion_loss(ctx.model(b.x_f), b.y_f, ctx.config),
                 "ret": b.w_a * F.cross_entropy(ctx.model(b.x_a), b.y_a)}
 
 
@@ -253,20 +338,51 @@ class StructGuard(Method):
         return ctx.state["s_ori"]
 
     def prepare(self, ctx: Context) -> None:
-        s_ori = self._s_ori(ctx)
+        self._s_ori(ctx)
         ctx.state["reference"] = {k: v.detach().clone() for k, v in ctx.model.backbone.named_parameters()}
-        if not ctx.config.sr:
-            return
-        # SR importance: mean over proxy samples of |d L_align,i / d psi| for backbone parameters psi.
-        model, R, A = ctx.model, ctx.R, ctx.anchors
+        if ctx.config.sr and ctx.config.importance_after == 0:
+            self.measure_importance(ctx)
 
-        def align_one(params: dict, x: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
-            f = functional_call(model, params, (x.unsqueeze(0),), kwargs={"method": "features"})
-            return 1 - F.cosine_similarity(affinity(f, R, A), s0.unsqueeze(0)).squeeze(0)
+    def measure_importance(self, ctx: Context) -> None:
+        """SR importance I = mean over proxy samples of |d L_align / d psi| for backbone parameters psi.
 
+        Measured after `importance_after` update steps: at the start an identity projector makes
+        L_align exactly 0 with a zero gradient, so importance there would be all zeros. Computed in
+        eval mode (running statistics neither used from the batch nor changed). With sr_normalise the
+        weights are divided by their maximum (into [0, 1]), so lam alone sets the strength of the SR
+        term and lam * lr < 2 keeps the most important parameter's update stable.
+        """
+        model, R, A, c = ctx.model, ctx.R, ctx.anchors, ctx.config
+        s_ori, was = self._s_ori(ctx), model.training
+        t0 = time.perf_counter()
         model.eval()
-        imp = per_sample_abs_grad_mean(model, align_one, ctx.x_adv, s_ori, ctx.config.importance_chunk)
-        ctx.state["weights"] = {k.removeprefix("backbone."): v for k, v in imp.items() if k.startswith("backbone.")}
+        if c.importance == "per_sample":
+            def align_one(params: dict, x: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+                f = functional_call(model, params, (x.unsqueeze(0),), kwargs={"method": "features"})
+                return 1 - F.cosine_similarity(affinity(f, R, A), s0.unsqueeze(0)).squeeze(0)
+
+            imp = per_sample_abs_grad_mean(model, align_one, ctx.x_adv, s_ori, c.importance_chunk)
+        else:  # the authors' form: |grad| of each batch's mean align loss, weighted by batch size
+            imp = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+            for i in range(0, len(ctx.x_adv), c.batch_size):
+                f = model.features(ctx.x_adv[i:i + c.batch_size])
+                loss = 1 - F.cosine_similarity(affinity(f, R, A), s_ori[i:i + c.batch_size], dim=1).mean()
+                names, params = zip(*model.named_parameters())
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is not None:
+                        imp[n] += g.abs() * len(f)
+            imp = {k: v / len(ctx.x_adv) for k, v in imp.items()}
+        model.train(was)
+        weights = {k.removeprefix("backbone."): v.detach() for k, v in imp.items() if k.startswith("backbone.")}
+        flat = torch.cat([w.flatten() for w in weights.values()])
+        raw_mean, raw_max = float(flat.mean()), float(flat.max())
+        if c.sr_normalise and raw_max > 0:
+            weights = {k: w / raw_max for k, w in weights.items()}
+        ctx.state["weights"] = weights
+        ctx.state["importance"] = {"mean": raw_mean, "max": raw_max, "after_steps": ctx.step,
+                                   "mode": c.importance, "normalised": bool(c.sr_normalise and raw_max > 0),
+                                   "seconds": round(time.perf_counter() - t0, 3)}
 
     def optimizer(self, ctx: Context) -> torch.optim.Optimizer:
         c = ctx.config
@@ -276,13 +392,17 @@ class StructGuard(Method):
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         m, c = ctx.model, ctx.config
-        terms = {"del": -b.w_f * F.cross_entropy(m.classify(m.backbone_features(b.x_f)), b.y_f)}
+        # The paper's L_del bypasses the projector; the loop's stop rule checks the prediction path.
+        h_f = m.backbone_features(b.x_f) if c.deletion_path == "backbone" else m.features(b.x_f)
+        terms = {"del": b.w_f * deletion_loss(m.classify(h_f), b.y_f, c)}
         f_adv = m.features(b.x_a)  # through the projector
         terms["ret"] = b.w_a * F.cross_entropy(m.classify(f_adv), b.y_a)
         if c.sa:
             s_unl = affinity(f_adv, ctx.R, ctx.anchors)
             terms["align"] = 1 - F.cosine_similarity(self._s_ori(ctx)[b.a_idx], s_unl, dim=1).mean()
-        if c.sr:
+        if c.sr and ctx.step >= c.importance_after and "weights" not in ctx.state:
+            self.measure_importance(ctx)
+        if c.sr and ctx.step >= c.sr_from:
             terms["reg"] = c.lam * weighted_l2_penalty(m.backbone, ctx.state["reference"], ctx.state["weights"])
         if c.cr:
             w = m.classifier_weight()

@@ -24,7 +24,8 @@ import torch
 
 from . import runs
 from .data import Dataset, DataError, load_dataset
-from .engine import Callbacks, UnlearnError, anchor_map, load_unlearned, run_unlearning, save_unlearned
+from .engine import (Callbacks, UnlearnError, anchor_map, load_unlearned, run_unlearning, save_unlearned,
+                     term_shares)
 from .methods import default_config
 from .metrics import (accuracy_from_probs, affinity_matrix, dimensional_alignment, outputs, per_class_accuracy,
                       structure_scores, true_class_confidence)
@@ -157,6 +158,45 @@ def _outputs_cached(key: str, model: torch.nn.Module, split, positions: torch.Te
     return result
 
 
+def tug_of_war(accs: dict[str, float], reference: dict[str, float]) -> float:
+    """Product over A_f, A_r, A_test of (1 - |acc - acc_retrain| / 100): 1 is the retrained model."""
+    return float(np.prod([1 - abs(accs[k] - reference[k]) / 100 for k in ("forget_acc", "retain_acc", "test_acc")]))
+
+
+def retrain_reference(base_card: dict, ids: list[int], ds: Dataset, device: torch.device, r_pos: torch.Tensor,
+                      f_pos: torch.Tensor, cache: Path, after: dict, probs: tuple, labels: tuple) -> dict | None:
+    """The retrained model's numbers on the same rows, the gaps to it and the Tug-of-War score.
+
+    Only when bench/retrain holds a model retrained without exactly this forget set (core.retrain).
+    MIA: the confidence attack (core.audit.mia) calibrated on each model's own retain vs test
+    scores; the retrained model's forget member rate is what "never seen" looks like.
+    """
+    from .audit.mia import confidence_mia
+    from .retrain import find_retrained
+
+    path = find_retrained(base_card, ids)
+    if path is None:
+        return None
+    loaded = load_model(path)
+    model = prepare_model(loaded.model, device).eval()
+    key = f"model:{loaded.card['weights_sha256']}"
+    r_out = _outputs_cached(key + "|train", model, ds.train, r_pos, cache)
+    t_out = _outputs_cached(key + "|test", model, ds.test, torch.arange(len(ds.test)), cache)
+    f_out = _outputs_cached(key + "|train", model, ds.train, f_pos, cache)
+    y_r, y_t, y_f = labels
+    ref = {"forget_acc": accuracy_from_probs(f_out[2], y_f), "retain_acc": accuracy_from_probs(r_out[2], y_r),
+           "test_acc": accuracy_from_probs(t_out[2], y_t),
+           "card": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+           "command": (loaded.card.get("training") or {}).get("command")}
+    mia_ref = confidence_mia(true_class_confidence(r_out[2], y_r), true_class_confidence(t_out[2], y_t),
+                             true_class_confidence(f_out[2], y_f))
+    mia_run = confidence_mia(*(true_class_confidence(p, y) for p, y in zip(probs, labels)))
+    ref["gap"] = {k: after[k] - ref[k] for k in ("forget_acc", "retain_acc", "test_acc")}
+    ref["tug_of_war"] = tug_of_war(after, ref)
+    ref["mia_forget_member_rate"] = {"retrain": mia_ref.member_rate_forget, "unlearned": mia_run.member_rate_forget}
+    return ref
+
+
 def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path:
     """Run one unlearning request and return the completed run directory."""
     from .anchors import build_anchor_set, load_anchor_texts, validate_anchor_texts
@@ -188,7 +228,8 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
         raise UnlearnError("the forget set is empty: pick at least one training image (or upload one)")
     ids = validate_forget_ids(request.forget_ids, ds, forgotten_before) if request.forget_ids else []
 
-    config = default_config(request.method, ds.name, **dict(request.config, seed=request.seed))
+    config = default_config(request.method, ds.name, k=len(ids) + len(request.uploads),
+                            **dict(request.config, seed=request.seed))
     texts = request.anchor_texts if request.anchor_texts is not None else load_anchor_texts(ds.name, ds.class_names)
     texts = validate_anchor_texts(texts, ds.class_names)
     encoder = get_encoder(request.encoder, request.clip_checkpoint)
@@ -305,6 +346,11 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
         affinity_matrix(np.concatenate([before_ar[1], before_at[1]]), R, anchors_np),
         affinity_matrix(np.concatenate([after_ar[1], after_at[1]]), R, anchors_np))
     m_after["dim_alignment_energy"] = m_before["dim_alignment_energy"] = 0.95
+    reference = None
+    if not parent_meta and not request.uploads:
+        cb.check_cancel("evaluation")
+        reference = retrain_reference(base_card, ids, ds, device, r_pos, f_pos, cache, m_after,
+                                      (after_r[2], after_t[2], after_f[2]), (y_r, y_t, y_f))
 
     n_up = len(request.uploads)
     audit_ids = np.concatenate([np.array(ids, dtype=np.int64), -np.arange(1, n_up + 1, dtype=np.int64),
@@ -364,10 +410,11 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
                             "platform": platform.platform(), "device": str(device),
                             "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
             "request": {k2: v for k2, v in asdict(request).items() if k2 not in ("uploads", "anchor_texts")},
-            "metrics": {"before": m_before, "after": m_after},
+            "metrics": {"before": m_before, "after": m_after, "retrain": reference},
             "timings": {k2: round(v, 3) for k2, v in timings.items()},
             "peak_rss_mb": round(peak_rss_mb(), 1), "device": str(device),
             "history": outcome.history, "stop_reason": outcome.stop_reason, "steps": outcome.steps,
+            "importance": outcome.extra.get("importance"), "term_shares": term_shares(outcome.history),
         }
         final = runs.finalize(partial, meta, audit)
     except BaseException:

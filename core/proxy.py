@@ -31,26 +31,40 @@ def _l2_project(delta: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def targeted_l2_pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float, step: float, iters: int,
-                    generator: torch.Generator) -> torch.Tensor:
-    """Random start in the L2 ball, normalised-gradient descent on CE(target), clipped to [0, 1]."""
+                    generator: torch.Generator, early_exit: bool = False) -> torch.Tensor:
+    """Random start in the L2 ball, normalised-gradient descent on CE(target), clipped to [0, 1].
+
+    early_exit: a sample stops moving once the model predicts its target (it is a proxy of that
+    class already); the remaining iterations only run on the samples still on their way.
+    """
+    shape = (-1, *([1] * (x.dim() - 1)))
     noise = torch.randn(x.shape, generator=generator).to(x.device)
-    radius = torch.rand(len(x), generator=generator).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    radius = torch.rand(len(x), generator=generator).to(x.device).view(shape)
     delta = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(radius) * radius * eps
     x_adv = (x + delta).clamp(0, 1)
+    active = torch.arange(len(x), device=x.device)
     for _ in range(iters):
-        x_adv = x_adv.detach().requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), target, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        gnorm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        x_adv = x_adv.detach() - step * grad / gnorm
-        x_adv = (x + _l2_project(x_adv - x, eps)).clamp(0, 1)
+        xa = x_adv[active].detach().requires_grad_(True)
+        logits = model(xa)
+        loss = F.cross_entropy(logits, target[active], reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xa)
+        if early_exit:
+            moving = logits.argmax(1) != target[active]
+            active, xa, grad = active[moving], xa[moving], grad[moving]
+            if len(active) == 0:
+                break
+        gnorm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+        stepped = xa.detach() - step * grad / gnorm
+        x0 = x[active]
+        x_adv[active] = (x0 + _l2_project(stepped - x0, eps)).clamp(0, 1)
     return x_adv.detach()
 
 
 def make_proxy_set(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Tensor, num_classes: int, n_adv: int,
                    eps: float, step: float, iters: int, seed: int, chunk: int = 1024,
                    on_chunk: Callable[[int, int], None] | None = None,
-                   should_cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   should_cancel: Callable[[], bool] | None = None,
+                   early_exit: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n_adv targeted variants per forget image, all batched together.
 
     Returns (x_adv, y_adv, source) where source[i] is the forget row x_adv[i] came from.
@@ -74,7 +88,8 @@ def make_proxy_set(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
                 raise Cancelled("cancelled while generating the proxy set")
             rows = source[start:start + chunk]
             x = x_forget[rows.to(device)]
-            out.append(targeted_l2_pgd(model, x, targets[start:start + chunk].to(device), eps, step, iters, gen))
+            out.append(targeted_l2_pgd(model, x, targets[start:start + chunk].to(device), eps, step, iters, gen,
+                                       early_exit))
             if on_chunk:
                 on_chunk(min(start + chunk, len(source)), len(source))
     finally:

@@ -236,16 +236,35 @@ def _metrics_section(rep: _Report, meta: dict, class_names: list[str]) -> None:
     if not isinstance(before, dict) or not isinstance(after, dict):
         rep.note_missing("metrics (run.json has no metrics.before / metrics.after)")
         return
+    ref = _get(meta, "metrics", "retrain")
+    ref = ref if isinstance(ref, dict) else None  # the retrained model: what unlearning is measured against
     rows = []
     for key, label, good in METRIC_ROWS:
         b, a = before.get(key), after.get(key)
         nd = 3 if key == "dim_alignment" else 2
-        rows.append([label, _fmt(b, nd), _fmt(a, nd), _delta(b, a, nd, good)])
+        row = [label, _fmt(b, nd), _fmt(a, nd), _delta(b, a, nd, good)]
+        if ref is not None:
+            r = ref.get(key)
+            row += [_fmt(r), _fmt(a - r)] if isinstance(r, (int, float)) and isinstance(a, (int, float)) \
+                else [_Raw(""), _Raw("")]
+        rows.append(row)
     fa = after.get("forget_acc")
     if isinstance(fa, (int, float)):
-        rows.insert(1, ["Forget success 100 - A_f (%)", _fmt(100 - before.get("forget_acc", np.nan)),
-                        _fmt(100 - fa), _Raw("")])
-    rep.text(_table(["metric", "original", "unlearned", "Δ"], rows, "metrics"))
+        success = ["Forget success 100 - A_f (%)", _fmt(100 - before.get("forget_acc", np.nan)), _fmt(100 - fa),
+                   _Raw("")]
+        if ref is not None:
+            success += [_fmt(100 - ref.get("forget_acc", np.nan)), _Raw("")]
+        rows.insert(1, success)
+    header = ["metric", "original", "unlearned", "Δ"] + (["retrained", "unlearned − retrained"] if ref else [])
+    rep.text(_table(header, rows, "metrics"))
+    if ref is not None:
+        mia = ref.get("mia_forget_member_rate") or {}
+        rep.text(f"<p>Retrain reference: the base model's recipe trained from scratch without the forget set "
+                 f"(<code>{html.escape(str(ref.get('card')))}</code>, made by "
+                 f"<code>{html.escape(str(ref.get('command')))}</code>). Tug-of-War score "
+                 f"{_fmt(ref.get('tug_of_war'), 3)} (1 = the retrained model's accuracies). Forget samples called "
+                 f"members by the confidence attack: unlearned {_fmt(mia.get('unlearned'), 3)}, retrained "
+                 f"{_fmt(mia.get('retrain'), 3)}.</p>")
     extra = [f"Retain accuracy measured on: {html.escape(str(after.get('retain_set', 'unknown')))}."]
     if "dim_alignment_energy" in after:
         extra.append(f"Dimensional alignment: share of the forget features' energy inside the top eigenspace "

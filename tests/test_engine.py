@@ -31,8 +31,8 @@ from core.data import IDX_FILES
 from core.encoders import get_encoder
 from core.engine import (Callbacks, Projector, UnlearnedModel, UnlearnError, anchor_map, load_unlearned,
                          run_unlearning, wrap)
-from core.methods import (METHODS, Context, L2UL, StructGuard, UnlearnConfig, affinity, default_config,
-                          per_sample_abs_grad_mean)
+from core.methods import (METHODS, PAPER_SCHEDULE, Context, L2UL, StructGuard, UnlearnConfig, affinity,
+                          default_config, deletion_loss, per_sample_abs_grad_mean)
 from core.metrics import affinity_matrix, dimensional_alignment, knn_overlap, linear_cka, row_cosine
 from core.pipeline import RunRequest, cached_dataset, execute_run
 from core.proxy import Cancelled, make_proxy_set, random_targets
@@ -244,14 +244,16 @@ def test_methods_record_their_loss_terms(method, model, forget, anchors):
     out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)
     assert out.steps >= 1 and len(out.history) == out.steps + 1
     for rec in out.history[1:]:
-        assert set(rec["terms"]) == TERMS[method], rec["terms"]
+        want = TERMS[method] - ({"reg"} if method == "structguard" and rec["step"] == 1 else set())
+        assert set(rec["terms"]) == want, rec["terms"]  # SR starts once its importance is measured (step 1)
         assert all(math.isfinite(v) for v in rec["terms"].values())
         assert rec["loss"] == pytest.approx(sum(rec["terms"].values()), rel=1e-5, abs=1e-6)
-    assert out.history[1]["terms"]["del"] < 0 and out.history[1]["terms"]["ret"] > 0
+    assert out.history[1]["terms"]["del"] > 0 and out.history[1]["terms"]["ret"] > 0  # hinge: the images are known
     if method == "l2ul":
         assert out.history[1]["terms"]["reg"] == pytest.approx(0.0, abs=1e-12)  # theta == theta_0 at step 1
     # the proxy set is attacked against the ORIGINAL model (not a previously unlearned one)
-    xa, ya, _ = make_proxy_set(model, x, y, 10, cfg.n_adv, cfg.eps, cfg.pgd_step, cfg.pgd_iters, cfg.seed)
+    xa, ya, _ = make_proxy_set(model, x, y, 10, cfg.n_adv, cfg.eps, cfg.pgd_step, cfg.pgd_iters, cfg.seed,
+                               early_exit=cfg.pgd_early_exit)
     assert torch.equal(out.proxy[0], xa) and torch.equal(out.proxy[1], ya)
     _assert_same_state(before, _state(model))
     assert not model.training and all(p.requires_grad for p in model.parameters())
@@ -271,7 +273,7 @@ def test_structguard_ablation_switches_remove_terms(switches, absent, model, for
     out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)
     assert out.steps >= 1
     for rec in out.history[1:]:
-        assert set(rec["terms"]) == TERMS["structguard"] - absent
+        assert set(rec["terms"]) == TERMS["structguard"] - absent - ({"reg"} if rec["step"] == 1 else set())
 
 
 def test_structguard_projector_in_prediction_path_and_identity_start(model, forget, anchors):
@@ -388,12 +390,21 @@ def test_structguard_sr_importance(model, forget, anchors):
     buffers = _bn_buffers(live)
     ctx = Context(model=live, original=original, config=cfg, x_adv=xa, y_adv=ya, anchors=A, R=R)
     StructGuard().prepare(ctx)
+    assert "weights" not in ctx.state  # measured after the first update step, not at the identity start
+    with torch.no_grad():  # one small step away from theta_0: the align loss now has a gradient
+        for p in live.backbone.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    StructGuard().measure_importance(ctx)
     _assert_same_state(buffers, _bn_buffers(live))
+    assert live.training  # the mode is restored
     weights, params = ctx.state["weights"], dict(live.backbone.named_parameters())
     assert weights.keys() == params.keys()
     for k, w in weights.items():
         assert w.shape == params[k].shape and torch.isfinite(w).all() and (w >= 0).all(), k
-    assert sum(float(w.sum()) for w in weights.values()) > 0
+    flat = torch.cat([w.flatten() for w in weights.values()])
+    assert float(flat.max()) == pytest.approx(1.0, rel=1e-6)  # normalised into [0, 1]: lam sets the strength
+    info = ctx.state["importance"]
+    assert info["mean"] > 1e-6 and info["max"] > info["mean"] and info["normalised"]
     # S_ori is the original structure of the proxy set
     with torch.no_grad():
         torch.testing.assert_close(ctx.state["s_ori"], affinity(original.features(xa), R, A))
@@ -555,6 +566,12 @@ def test_run_json_records_everything(sg_run, forget, ds):
     assert {"affinity_cosine", "cka", "knn_overlap"} <= set(after["structure"])
     assert all(-1 <= v <= 1 + 1e-6 for v in after["structure"].values())
     assert after["forget_acc"] == meta["history"][-1]["forget_acc"]
+    # every StructGuard term is live and recorded: importance measured after the first step, shares sum to 1
+    assert meta["importance"]["mean"] > 0 and meta["importance"]["after_steps"] == 1
+    shares = meta["term_shares"]
+    assert set(shares) == TERMS["structguard"] and sum(shares.values()) == pytest.approx(1.0)
+    assert all(v > 0 for v in shares.values()), shares
+    assert meta["metrics"]["retrain"] is None  # no retrained reference for this forget set
 
 
 def test_audit_arrays_consistent(sg_run, forget, anchors, ds):
@@ -823,7 +840,7 @@ def test_config_roundtrip_and_validation():
 def test_cross_entropy_direction_of_neggrad_term(model, forget):
     """NegGrad's 'del' term is exactly -CE on the forget batch (sign and value)."""
     _, x, y = forget
-    out = run_unlearning(model, x, y, 10, _config("neggrad", lr=1e-9, max_epochs=1))
+    out = run_unlearning(model, x, y, 10, _config("neggrad", lr=1e-9, max_epochs=1, deletion="ce", bn="train"))
     m = copy.deepcopy(model).train()
     with torch.no_grad():
         want = -F.cross_entropy(m(x), y).item()
@@ -848,3 +865,94 @@ def test_uploads_with_a_wrong_shape_or_label_are_refused(sample_model, tmp_path,
         with pytest.raises(UnlearnError, match=match):
             execute_run(_request([], "neggrad", tmp_path, data_dir=data_dir, uploads=[upload]))
     _nothing_saved(tmp_path)
+
+
+# ------------------------------------------------------------------ engine v2
+
+
+def test_deletion_forms_by_hand():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.5, 2.0], [1.0, 0.0, 4.0]])
+    y = torch.tensor([0, 1, 0])  # rows 0 and 1 still correct (margins 2.0 and 0.5); row 2 already wrong by 3
+    ce = F.cross_entropy(logits, y, reduction="none")
+    cfg = UnlearnConfig(deletion="ce")
+    assert float(deletion_loss(logits, y, cfg)) == pytest.approx(-float(ce.mean()))
+    cfg = UnlearnConfig(deletion="masked_ce")
+    assert float(deletion_loss(logits, y, cfg)) == pytest.approx(-float(ce[:2].sum()) / 3)
+    cfg = UnlearnConfig(deletion="hinge", margin=1.0)  # relu(1 + z_y - max_other): 3.0, 1.5, 0 -> mean 1.5
+    assert float(deletion_loss(logits, y, cfg)) == pytest.approx(1.5)
+    # bounded: once every image is wrong by the margin the term and its gradient are exactly zero
+    wrong = torch.tensor([[0.0, 2.0, 0.5], [3.0, 0.0, 1.0]], requires_grad=True)
+    loss = deletion_loss(wrong, torch.tensor([0, 1]), cfg)
+    loss.backward()
+    assert float(loss) == 0.0 and float(wrong.grad.abs().sum()) == 0.0
+
+
+def _backbone_delta(out, model) -> dict[str, torch.Tensor]:
+    ref = dict(model.named_parameters())
+    return {k: (p.detach() - ref[k].detach()) for k, p in out.model.backbone.named_parameters()}
+
+
+def test_sr_is_live_and_holds_important_parameters(model, forget, anchors):
+    """With SR on, the parameters it marks important move less from theta_0 than with SR off (same seed)."""
+    _, x, y = forget
+    base = dict(max_epochs=3, n_adv=8, pgd_iters=5, batch_size=32, check_first_pass=False, lam=500.0)
+    on = run_unlearning(model, x, y, 10, _config("structguard", **base), anchors.matrix)
+    off = run_unlearning(model, x, y, 10, _config("structguard", sr=False, **base), anchors.matrix)
+    info = on.extra["importance"]
+    assert info["mean"] > 1e-6 and info["after_steps"] == 1  # measured where the align loss has a gradient
+    regs = [h["terms"]["reg"] for h in on.history[1:] if "reg" in h["terms"]]
+    assert len(regs) == on.steps - 1 and max(regs) > 1e-4  # from the second step on, and not numerically zero
+    assert "importance" not in off.extra and all("reg" not in h["terms"] for h in off.history[1:])
+    # importance of each backbone parameter, recomputed the same way the run did (normalised to mean 1)
+    d_on, d_off = _backbone_delta(on, model), _backbone_delta(off, model)
+
+    def weighted(delta: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> float:
+        return sum(float((weights[k] * delta[k].pow(2)).sum()) for k in weights)
+
+    weights = on.extra["importance_weights"]
+    assert weighted(d_on, weights) < 0.8 * weighted(d_off, weights)
+
+
+@pytest.mark.parametrize("switch", ["sa", "sr", "cr"])
+def test_each_ablation_changes_the_result(switch, model, forget, anchors):
+    _, x, y = forget
+    base = dict(max_epochs=2, n_adv=4, pgd_iters=3, check_first_pass=False)
+    full = run_unlearning(model, x, y, 10, _config("structguard", **base), anchors.matrix)
+    ablated = run_unlearning(model, x, y, 10, _config("structguard", **{switch: False}, **base), anchors.matrix)
+    diff = max(float((a - b).abs().max()) for a, b in zip(full.model.state_dict().values(),
+                                                          ablated.model.state_dict().values()))
+    assert diff > 1e-6, f"turning {switch.upper()} off changed nothing"
+
+
+def test_paper_schedule_is_the_authors_loop(model, forget, anchors):
+    cfg = default_config("structguard", "fashion-mnist", k=8, schedule="paper", max_epochs=3, pgd_iters=2, n_adv=8,
+                         batch_size=16)
+    want = PAPER_SCHEDULE["structguard"]
+    assert (cfg.deletion, cfg.bn, cfg.projector_init, cfg.check_first_pass) == ("ce", "train", "random", False)
+    assert (cfg.lr, cfg.projector_lr, cfg.importance, cfg.sr_from) == (0.005, 0.009, "batch", 2)
+    assert default_config("structguard", schedule="paper").pgd_iters == want["pgd_iters"] == 100
+    assert default_config("structguard", schedule="paper").max_epochs == 100
+    assert default_config("adv", schedule="paper").deletion == "ce"
+    _, x, y = forget
+    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)
+    first_pass = [h for h in out.history[1:] if h["epoch"] <= 1]
+    assert len(first_pass) == 4 and all(h["forget_acc"] is None for h in first_pass)  # no check in pass 1
+    assert all(h["forget_acc"] is not None for h in out.history[5:])
+    assert [("reg" in h["terms"]) for h in out.history[1:4]] == [False, False, True]  # SR from the third step
+    assert out.extra["importance"]["after_steps"] == 1 and out.extra["importance"]["mode"] == "batch"
+    assert out.history[1]["terms"]["del"] < 0  # the published ascent
+
+
+def test_pgd_early_exit_stops_at_the_target(model, forget):
+    _, x, y = forget
+    full = make_proxy_set(model, x, y, 10, 4, 2.0, 0.5, 10, seed=0)
+    early = make_proxy_set(model, x, y, 10, 4, 2.0, 0.5, 10, seed=0, early_exit=True)
+    assert torch.equal(full[1], early[1])
+    with torch.no_grad():
+        hit = model(early[0]).argmax(1) == early[1]
+        hit_full = model(full[0]).argmax(1) == full[1]
+    assert hit.float().mean() >= 0.9 and hit_full.float().mean() >= 0.9
+    # early exit stops at the boundary: the perturbations are smaller than with all 10 steps
+    d_early = (early[0] - x.repeat_interleave(4, 0)).flatten(1).norm(dim=1)
+    d_full = (full[0] - x.repeat_interleave(4, 0)).flatten(1).norm(dim=1)
+    assert float(d_early.mean()) < float(d_full.mean()) and float(d_early.max()) <= 2.0 + 1e-4

@@ -60,6 +60,20 @@ for col, (key, label, good) in zip(cols, [("forget_acc", "Forget accuracy", "inv
     unit = "%" if key.endswith("acc") else ""
     col.metric(label, f"{a:.2f}{unit}", None if b is None else f"{a - b:+.2f}{unit} (before {b:.2f})",
                delta_color=good)
+reference = meta["metrics"].get("retrain")
+if reference:
+    cols = st.columns(4)
+    for col, key, label in zip(cols, ("forget_acc", "retain_acc", "test_acc"),
+                               ("Forget accuracy", "Retain accuracy", "Test accuracy")):
+        col.metric(f"Retrained: {label.lower()}", f"{reference[key]:.2f}%",
+                   f"unlearned {after[key] - reference[key]:+.2f}", delta_color="off",
+                   help="The base model's recipe trained from scratch without the forget set: the reference.")
+    cols[3].metric("Tug-of-War vs retrain", f"{reference['tug_of_war']:.3f}",
+                   help="Product over A_f, A_r, A_test of (1 - |unlearned - retrained| / 100); 1 = the retrained "
+                        "model.")
+    st.caption(f"Retrain reference `{reference.get('card')}` (made by `{reference.get('command')}`).")
+else:
+    st.caption("No retrained reference for this forget set (`python -m core retrain --ids FILE` makes one).")
 structure = after.get("structure") or {}
 if structure:
     cols = st.columns(len(structure))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.methods import METHODS, default_config
+from core.methods import METHODS, default_config, tuned_k
 from dashboard import state, widgets
 
 # (field, label, help) for the main hyperparameters; defaults come from core.methods.default_config.
@@ -53,8 +53,19 @@ method = st.segmented_control("Method", names, key="un_method", required=True,
                                                      "structguard": "StructGuard"}.get(m, m))
 st.caption(METHODS[method].summary)
 
-defaults = default_config(method, ds.name)
-keys = {f: f"un_{method}_{f}" for f, _, _ in FIELDS}
+k = len(sel) + len(ups)
+state.widget_defaults(un_schedule="ours")
+schedule = st.segmented_control(
+    "Schedule", ["ours", "paper"], key="un_schedule", required=True,
+    format_func=lambda s: {"ours": "Engine v2 (default)", "paper": "Authors' loop"}[s],
+    help="Engine v2: bounded hinge deletion, frozen BatchNorm, boundary proxies, defaults tuned per forget size on "
+         "held-out training data. Authors' loop: their CE ascent, train-mode BatchNorm, random projector, first-pass "
+         "rule, importance timing and budgets (100 PGD steps, up to 100 passes): slower, for reproducing the paper.")
+defaults = default_config(method, ds.name, k=k or None, schedule=schedule)
+bucket = tuned_k(method, ds.name, k or None)
+keys = {f: f"un_{method}_{schedule}_{bucket}_{f}" for f, _, _ in FIELDS}
+which = "the authors' loop" if schedule == "paper" else "engine v2"
+st.caption(f"Defaults: {which}" + (f", tuned for forget sets of about {bucket} images." if bucket else "."))
 state.widget_defaults(**{keys[f]: getattr(defaults, f) for f, _, _ in FIELDS})
 
 if method == "structguard":
@@ -93,7 +104,7 @@ with st.expander("Evaluation", expanded=False):
                     help="Retained and test images per class stored with the run for drift, affinity and "
                          "membership-inference pictures.")
 
-overrides = {f: st.session_state[keys[f]] for f, _, _ in shown}
+overrides = {f: st.session_state[keys[f]] for f, _, _ in shown} | {"schedule": schedule}
 if method == "structguard":
     overrides.update({k: st.session_state[f"un_{k}"] for k, _, _ in ABLATIONS})
 
