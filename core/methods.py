@@ -35,6 +35,7 @@ class UnlearnConfig:
     batch_size: int = 128             # forget batch and proxy batch
     lam: float = 1.0                  # weight of the importance regulariser (L2UL, SR)
     cr_weight: float = 0.001          # weight of the classifier regulariser (CR)
+    sa_weight: float = 1.0            # weight of the structure-alignment term (SA); the paper's is 1
     sa: bool = True                   # StructGuard ablation switches
     sr: bool = True
     cr: bool = True
@@ -399,7 +400,7 @@ class StructGuard(Method):
         terms["ret"] = b.w_a * F.cross_entropy(m.classify(f_adv), b.y_a)
         if c.sa:
             s_unl = affinity(f_adv, ctx.R, ctx.anchors)
-            terms["align"] = 1 - F.cosine_similarity(self._s_ori(ctx)[b.a_idx], s_unl, dim=1).mean()
+            terms["align"] = c.sa_weight * (1 - F.cosine_similarity(self._s_ori(ctx)[b.a_idx], s_unl, dim=1).mean())
         if c.sr and ctx.step >= c.importance_after and "weights" not in ctx.state:
             self.measure_importance(ctx)
         if c.sr and ctx.step >= c.sr_from:

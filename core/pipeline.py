@@ -54,7 +54,7 @@ class RunRequest:
     runs_root: str | None = None
     audit_per_class: int = 20                   # retained and test samples per class in the audit sample
     retain_eval: int = 5000                     # retain accuracy on a fixed subset of this size; 0 = full set
-    snapshot_every: int = 1
+    snapshot_every: int = 0                     # audit-sample snapshot every N steps; 0 = about 30 over the run
     device: str | None = None
     uploads: list[tuple[np.ndarray, int]] = field(default_factory=list)  # user images (uint8 CxHxW, label)
 
@@ -197,6 +197,16 @@ def retrain_reference(base_card: dict, ids: list[int], ds: Dataset, device: torc
     return ref
 
 
+def _auto_snapshot_every(config, k: int) -> int:
+    """About 30 snapshots over the longest possible run: each one costs a forward pass of the audit
+    sample, which every step would pay for again (the timeline needs frames, not every step)."""
+    from .methods import get_method
+
+    pool = k * config.n_adv if get_method(config.method).needs_proxy else k
+    max_steps = -(-pool // config.batch_size) * config.max_epochs
+    return max(1, max_steps // 30)
+
+
 def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path:
     """Run one unlearning request and return the completed run directory."""
     from .anchors import build_anchor_set, load_anchor_texts, validate_anchor_texts
@@ -284,7 +294,7 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     x_audit = torch.cat([x_forget.cpu(), ds.train.images(a_ret), ds.test.images(a_test)])
     snapshots: list[np.ndarray] = []
     snapshot_steps: list[int] = []
-    every = [max(1, request.snapshot_every)]
+    every = [request.snapshot_every or _auto_snapshot_every(config, k)]
 
     @torch.no_grad()
     def on_snapshot(step: int, live: torch.nn.Module) -> None:

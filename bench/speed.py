@@ -1,0 +1,89 @@
+"""Time StructGuard at k=32 the two ways a user meets it, and write the phases.
+
+cold: `python -m core unlearn --method structguard --k 32 --seed 0 --json` in a fresh process
+      (the runs folder already holds the original model's cached outputs, as after a first run;
+      the very first run in a new runs folder also pays for measuring the original model).
+warm: execute_run in a process that has already done one run (model, data, encoder and the
+      original's outputs loaded), which is what the dashboard's "Start" button costs.
+
+    python bench/speed.py [--repeats 3] [--out bench/results/speed-k32.md]
+
+Run it with nothing else on the machine: the numbers are wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("proxy", "importance", "updates", "evaluation_before", "evaluation", "total")
+
+
+def cold(runs: str, seed: int) -> dict:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "core", "unlearn", "--method", "structguard", "--k", "32", "--seed",
+                          str(seed), "--json", "--runs-dir", runs], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"wall": time.perf_counter() - t0, **{p: row["timings"].get(p, 0.0) for p in PHASES},
+            "A_f": row["forget_acc"], "A_test": row["test_acc"], "steps": row["steps"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench/results/speed-k32.md")
+    args = p.parse_args()
+    import torch
+
+    from core.cli_unlearn import random_forget_ids
+    from core.pipeline import RunRequest, execute_run
+
+    rows: dict[str, list[dict]] = {"cold (first run in a new runs folder)": [], "cold": [], "warm": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            fresh = str(Path(tmp) / f"fresh{i}")
+            rows["cold (first run in a new runs folder)"].append(cold(fresh, 0))
+            rows["cold"].append(cold(fresh, 0))
+        ids = random_forget_ids("fashion-mnist", None, 32, 0)
+        warm_root = str(Path(tmp) / "warm")
+        execute_run(RunRequest(forget_ids=ids, method="structguard", runs_root=warm_root))  # loads everything
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            run = execute_run(RunRequest(forget_ids=ids, method="structguard", runs_root=warm_root))
+            meta = json.loads((run / "run.json").read_text())
+            rows["warm"].append({"wall": time.perf_counter() - t0,
+                                 **{p: meta["timings"].get(p, 0.0) for p in PHASES},
+                                 "A_f": meta["metrics"]["after"]["forget_acc"],
+                                 "A_test": meta["metrics"]["after"]["test_acc"], "steps": meta["steps"]})
+    lines = [f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats} (min-max).", "",
+             "| path | wall s | proxy | importance | updates | eval (original) | eval (unlearned) | steps | A_f "
+             "| A_test |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+    for name, rs in rows.items():
+        cols = [med([r[c] for r in rs]) for c in ("wall", "proxy", "importance", "updates", "evaluation_before",
+                                                    "evaluation", "steps")]
+        lines.append(f"| {name} | " + " | ".join(cols) + f" | {rs[0]['A_f']:.1f} | {rs[0]['A_test']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
