@@ -211,6 +211,10 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             original, x_forget, y_forget, num_classes, config.n_adv, config.eps, config.pgd_step, config.pgd_iters,
             config.seed, on_chunk=lambda done, total: cb.progress(0.4 * done / total, f"proxy set {done}/{total}"),
             should_cancel=cb.should_cancel, early_exit=config.pgd_early_exit)
+        if config.proxy_labels == "original":  # an attack that missed its target keeps what theta_0 says
+            with torch.no_grad():
+                ctx.y_adv = torch.cat([original(ctx.x_adv[i:i + 512]).argmax(1)
+                                       for i in range(0, len(ctx.x_adv), 512)])
     timings["proxy"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

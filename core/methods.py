@@ -57,6 +57,7 @@ class UnlearnConfig:
     sr_from: int = 1                  # first step (counted in updates already taken) with the SR term
     sr_normalise: bool = True         # scale SR importance to [0, 1] (by its max) so lam sets the strength
     pgd_early_exit: bool = True       # a proxy stops moving once the original model predicts its target
+    proxy_labels: str = "target"      # "target" (the attack's, the paper) or "original" (what theta_0 predicts)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,7 +82,8 @@ class UnlearnConfig:
         if self.projector_init not in ("identity", "random"):
             raise ValueError("projector_init must be 'identity' or 'random'")
         choices = {"schedule": ("ours", "paper"), "deletion": ("ce", "masked_ce", "hinge"), "bn": ("frozen", "train"),
-                   "deletion_path": ("backbone", "prediction"), "importance": ("per_sample", "batch")}
+                   "deletion_path": ("backbone", "prediction"), "importance": ("per_sample", "batch"),
+                   "proxy_labels": ("target", "original")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -124,7 +126,7 @@ DEFAULTS: dict[str, dict[str, dict]] = {
 # (unnormalised) importance, L_del through the backbone path, and the projector left in eval mode
 # after the first check (engine._update_mode). eps stays the dataset's: the authors say to retune it.
 PAPER_COMMON = dict(schedule="paper", deletion="ce", bn="train", pgd_step=0.1, pgd_iters=100, pgd_early_exit=False,
-                    max_epochs=100)
+                    max_epochs=100, proxy_labels="target")
 PAPER_SCHEDULE: dict[str, dict] = {
     "neggrad": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),
     "adv": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),
@@ -365,10 +367,10 @@ class StructGuard(Method):
             imp = per_sample_abs_grad_mean(model, align_one, ctx.x_adv, s_ori, c.importance_chunk)
         else:  # the authors' form: |grad| of each batch's mean align loss, weighted by batch size
             imp = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+            names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
             for i in range(0, len(ctx.x_adv), c.batch_size):
                 f = model.features(ctx.x_adv[i:i + c.batch_size])
                 loss = 1 - F.cosine_similarity(affinity(f, R, A), s_ori[i:i + c.batch_size], dim=1).mean()
-                names, params = zip(*model.named_parameters())
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for n, g in zip(names, grads):
                     if g is not None:

@@ -313,7 +313,7 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     at.run()
     assert {t.label.split(":")[0] for t in at.toggle} >= {"SA", "SR", "CR"}
     at.toggle(key="un_sr").set_value(False).run()
-    at.number_input(key="un_structguard_max_epochs").set_value(3).run()
+    at.number_input(key="un_structguard_ours_k8_max_epochs").set_value(3).run()  # defaults tuned for k near 8
     at.number_input(key="un_seed").set_value(7).run()
     next(b for b in at.button if b.label == "Start unlearning").click().run()
     no_exceptions(at)
@@ -332,6 +332,21 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     assert not any(t.label.startswith("SA") for t in at.toggle)
     labels = [n.label for n in at.number_input]
     assert "PGD radius ε (L2)" not in labels and "Max epochs" in labels
+
+    # the authors' loop is one choice away, with its own defaults, and reaches the engine as schedule="paper"
+    at.segmented_control(key="un_method").set_value("structguard").run()
+    at.segmented_control(key="un_schedule").set_value("paper").run()
+    no_exceptions(at)
+    assert at.number_input(key="un_structguard_paper_k8_pgd_iters").value == 100
+    assert at.number_input(key="un_structguard_paper_k8_lr").value == 0.005
+    at.number_input(key="un_structguard_paper_k8_max_epochs").set_value(1).run()
+    at.number_input(key="un_structguard_paper_k8_pgd_iters").set_value(1).run()
+    next(b for b in at.button if b.label == "Start unlearning").click().run()
+    fake.gate.set()
+    wait_for_job(at)
+    no_exceptions(at)
+    req = fake.requests[-1]
+    assert req.config["schedule"] == "paper" and req.config["pgd_iters"] == 1 and req.config["lr"] == 0.005
 
 
 def test_unlearn_cancel_keeps_runs_intact(app_env, monkeypatch) -> None:

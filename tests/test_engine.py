@@ -884,7 +884,7 @@ def test_deletion_forms_by_hand():
     wrong = torch.tensor([[0.0, 2.0, 0.5], [3.0, 0.0, 1.0]], requires_grad=True)
     loss = deletion_loss(wrong, torch.tensor([0, 1]), cfg)
     loss.backward()
-    assert float(loss) == 0.0 and float(wrong.grad.abs().sum()) == 0.0
+    assert loss.item() == 0.0 and float(wrong.grad.abs().sum()) == 0.0
 
 
 def _backbone_delta(out, model) -> dict[str, torch.Tensor]:

@@ -74,6 +74,7 @@ def test_cli_retrain(run_cli, write_idx_dir, sample_model, tmp_path):
     base = tmp_path / "base"
     card = json.loads(json.dumps(sample_model.card))
     card["training"]["config"]["epochs"] = 1
+    card["weights_file"] = "base.safetensors"
     base.with_suffix(".json").write_text(json.dumps(card))
     shutil.copy(sample_model.path, base.with_suffix(".safetensors"))
     ids = tmp_path / "ids.json"

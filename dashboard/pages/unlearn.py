@@ -63,7 +63,7 @@ schedule = st.segmented_control(
          "rule, importance timing and budgets (100 PGD steps, up to 100 passes): slower, for reproducing the paper.")
 defaults = default_config(method, ds.name, k=k or None, schedule=schedule)
 bucket = tuned_k(method, ds.name, k or None)
-keys = {f: f"un_{method}_{schedule}_{bucket}_{f}" for f, _, _ in FIELDS}
+keys = {f: f"un_{method}_{schedule}_k{bucket}_{f}" for f, _, _ in FIELDS}  # one set per tuned forget size
 which = "the authors' loop" if schedule == "paper" else "engine v2"
 st.caption(f"Defaults: {which}" + (f", tuned for forget sets of about {bucket} images." if bucket else "."))
 state.widget_defaults(**{keys[f]: getattr(defaults, f) for f, _, _ in FIELDS})
