@@ -103,7 +103,16 @@ STRUCTGUARD_CIFAR = dict(lr=0.005, projector_lr=0.009, momentum=0.0, weight_deca
 FASHION = dict(pgd_iters=10, n_adv=20, max_epochs=20, eps=0.5, pgd_step=0.125, momentum=0.9, weight_decay=0.0)
 CIFAR100 = dict(n_adv=200, eps=1.0)
 # Per forget size (chosen on held-out training data, bench/tune.py); the nearest k on a log scale applies.
-BY_K: dict[str, dict[str, dict[int, dict]]] = {"fashion-mnist": {}}
+# bench/results/v2/tune-*.md: forget seeds 100 (and 101 at k=8), A_r on 2,000 held-out training images.
+# The pass budget grows as k shrinks (a pass over 8 x 20 proxies is 2 steps) and is the same for every method.
+_K8, _K32, _K128 = dict(lr=0.0006, max_epochs=60), dict(lr=0.001, max_epochs=20), dict(lr=0.001, max_epochs=5)
+BY_K: dict[str, dict[str, dict[int, dict]]] = {"fashion-mnist": {
+    "neggrad": {8: dict(_K8, lr=0.001), 32: _K32, 128: _K128},
+    "adv": {8: _K8, 32: _K32, 128: _K128},
+    "l2ul": {8: _K8, 32: _K32, 128: _K128},
+    "structguard": {8: dict(_K8, projector_lr=0.00108), 32: dict(_K32, projector_lr=0.0018),
+                    128: dict(_K128, projector_lr=0.0018)},
+}}
 
 DEFAULTS: dict[str, dict[str, dict]] = {
     "cifar10": {"neggrad": BASELINE_CIFAR, "adv": BASELINE_CIFAR, "l2ul": BASELINE_CIFAR,
