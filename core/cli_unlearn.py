@@ -6,7 +6,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -175,6 +174,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="docs/BENCHMARKS-results.md", help="markdown table to write")
     p.add_argument("--jsonl", default=None, help="also append one JSON row per run here")
+    p.add_argument("--from-jsonl", default=None, help="run nothing: write the table from rows saved with --jsonl "
+                                                      "(for example by several bench processes)")
 
 
 def _fmt(values: list[float], ci: bool = False, digits: int = 2) -> str:
@@ -260,7 +261,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ks = [int(k) for k in args.ks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[dict] = []
-    t0 = time.time()
+    if args.from_jsonl:
+        saved = [json.loads(line) for line in Path(args.from_jsonl).read_text().splitlines() if line.strip()]
+        rows = [r for r in saved if r["k"] in ks and r["seed"] in seeds and r.get("label") in labels]
+        ks = []  # the loop below runs nothing
     for k in ks:
         for seed in seeds:
             for label in labels:
@@ -281,8 +285,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"Device: {first.get('device', '?')}; torch threads: {torch.get_num_threads()}; anchors: "
               f"{first.get('encoder', '?')}; A_r on the retain {first.get('retain_set', '?')}; mean ± std over "
               f"seeds {seeds} (A_test also its 95% t-interval); retrain: the base recipe trained without the forget "
-              f"set (bench/retrain), where one exists; total {time.time() - t0:.0f} s.\n\n")
-    text = header + "\n".join(bench_table(rows, labels, ks)) + "\n"
+              f"set (bench/retrain), where one exists; runs took {sum(r['seconds'] for r in rows):.0f} s in all.\n\n")
+    text = header + "\n".join(bench_table(rows, labels, sorted({r["k"] for r in rows}))) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
