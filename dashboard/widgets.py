@@ -163,8 +163,8 @@ def demo_launcher(model_name: str | None, ds: Any) -> None:
     except ImportError:
         st.info("The engine (core.pipeline) is not installed yet.")
         return
-    if st.button("Run the teaching demo", type="primary", icon=":material/play_arrow:", disabled=busy(),
-                 help=f"k={DEMO_K} random training images (seed {DEMO_SEED}), each method with its k={DEMO_K} defaults."):
+    tip = f"k={DEMO_K} random training images (seed {DEMO_SEED}), each method with its k={DEMO_K} defaults."
+    if st.button("Run the teaching demo", type="primary", icon=":material/play_arrow:", disabled=busy(), help=tip):
         rng = np.random.default_rng(DEMO_SEED)
         ids = sorted(int(i) for i in rng.choice(ds.train.ids.numpy(), DEMO_K, replace=False))
         state.set_selection(ids)
