@@ -119,7 +119,7 @@ def train_classifier(ds: Dataset, cfg: TrainConfig, device: torch.device | None 
             sched.step()
             total += len(y)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}")
         test_acc = accuracy(model, ds.test)

@@ -66,7 +66,7 @@ if reference:
     for col, key, label in zip(cols, ("forget_acc", "retain_acc", "test_acc"),
                                ("Forget accuracy", "Retain accuracy", "Test accuracy")):
         col.metric(f"Retrained: {label.lower()}", f"{reference[key]:.2f}%",
-                   f"unlearned {after[key] - reference[key]:+.2f}", delta_color="off",
+                   f"{after[key] - reference[key]:+.2f} (unlearned − retrained)", delta_color="off",
                    help="The base model's recipe trained from scratch without the forget set: the reference.")
     cols[3].metric("Tug-of-War vs retrain", f"{reference['tug_of_war']:.3f}",
                    help="Product over A_f, A_r, A_test of (1 - |unlearned - retrained| / 100); 1 = the retrained "
