@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .data import Dataset, DataError
-from .models import LoadedModel, load_model, save_model
+from .models import LoadedModel, save_model
 from .train import TrainConfig, accuracy, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,9 +90,4 @@ def find_retrained(base_card: dict, forget_ids: list[int], search: Path | None =
     return None
 
 
-def load_retrained(base_card: dict, forget_ids: list[int]) -> LoadedModel | None:
-    path = find_retrained(base_card, forget_ids)
-    return None if path is None else load_model(path)
-
-
-__all__ = ["RETRAIN_DIR", "find_retrained", "retrain_dir", "ids_hash", "load_retrained", "retrain", "save_retrained"]
+__all__ = ["RETRAIN_DIR", "find_retrained", "ids_hash", "recipe_of", "retrain", "retrain_dir", "save_retrained"]
