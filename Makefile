@@ -1,8 +1,9 @@
 # StructGuard Studio: the two user commands.
 #   make run    set up, then start the dashboard on http://localhost:8501
 #   make test   set up, then run the tests
-# Setup is idempotent: the Python packages are reinstalled only when requirements*.txt change
-# (a stamp file in .venv keyed on their checksum); Debian packages are checked with dpkg.
+# `make run` installs the run-time packages (requirements.txt); `make test` adds the test and tooling
+# packages (requirements-dev.txt). Setup is idempotent: each set is reinstalled only when its files change
+# (a stamp file in .venv per set, keyed on their checksum); Debian packages are checked with dpkg.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,13 +13,15 @@ PORT ?= 8501
 PYTEST_ARGS ?=
 APT_PACKAGES := chromium chromium-driver dataset-fashion-mnist
 REQS := requirements.txt requirements-lock.txt
-STAMP := $(VENV)/.installed-$(shell cat $(REQS) 2>/dev/null | cksum | cut -d' ' -f1)
+DEV_REQS := requirements-dev.txt requirements-dev-lock.txt
+STAMP := $(VENV)/.installed-run-$(shell cat $(REQS) 2>/dev/null | cksum | cut -d' ' -f1)
+DEV_STAMP := $(VENV)/.installed-dev-$(shell cat $(DEV_REQS) 2>/dev/null | cksum | cut -d' ' -f1)
 
-# Nothing downloads model weights at run time; set HF_HUB_OFFLINE=0 to allow it.
+# Nothing downloads at run time; HF_HUB_OFFLINE=0 allows it (CLIP weights also need STRUCTGUARD_ALLOW_DOWNLOADS=1).
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test setup python-deps system-deps
+.PHONY: run test setup python-deps python-dev-deps system-deps
 
 run: setup
 	@echo "StructGuard Studio: http://localhost:$(PORT)  (Ctrl+C stops it)"
@@ -26,7 +29,7 @@ run: setup
 		--browser.gatherUsageStats false
 
 # pytest's exit code is kept in test-artifacts/pytest-exit-code (.ci/run reads it).
-test: setup
+test: setup python-dev-deps
 	@mkdir -p test-artifacts; rc=0; \
 	$(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	echo $$rc > test-artifacts/pytest-exit-code; exit $$rc
@@ -39,7 +42,16 @@ $(STAMP):
 	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "installing Python packages into $(VENV) (the first time: a few minutes, about 6 GB with torch)"
 	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt -c requirements-lock.txt
-	@rm -f $(VENV)/.installed-*; touch $@
+	@rm -f $(VENV)/.installed-run-* $(VENV)/.installed-[0-9]*; touch $@
+
+# Test and tooling packages, only for `make test`; redone after the run-time set was (re)installed.
+python-dev-deps: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	@echo "installing test and tooling packages into $(VENV)"
+	$(PY) -m pip install --quiet --progress-bar off -r requirements-dev.txt -c requirements-lock.txt \
+		-c requirements-dev-lock.txt
+	@rm -f $(VENV)/.installed-dev-*; touch $@
 
 # Chromium (browser tests, PNG export) and the full Fashion-MNIST. Optional: without them the
 # browser tests skip and the bundled subset is used. STRUCTGUARD_SKIP_APT=1 skips this step.
