@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .audit.affinity import row_cosine
 from .data import Split
 from .train import to_device_format
 
@@ -21,9 +24,30 @@ def batch_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return f.float().cpu(), back.float().cpu(), torch.softmax(model.classify(f), 1).float().cpu()
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """One model's outputs on a set of rows: prediction-path features f, backbone h(x), softmax probabilities."""
+
+    features: np.ndarray
+    backbone: np.ndarray
+    probs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    @classmethod
+    def concat(cls, *parts: Outputs) -> Outputs:
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]).astype(np.float32)
+                     for name in ("features", "backbone", "probs")))
+
+    @classmethod
+    def empty(cls) -> Outputs:
+        return cls(*(np.zeros((0, 0), np.float32) for _ in range(3)))
+
+
 @torch.no_grad()
 def outputs(model: nn.Module, split: Split | torch.Tensor, positions: torch.Tensor | None = None,
-            batch_size: int = 1000, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            batch_size: int = 1000, device: torch.device | None = None) -> Outputs:
     """batch_outputs over the given rows of a split (or over a tensor of images), as numpy arrays."""
     device = device or next(model.parameters()).device
     was = model.training
@@ -39,8 +63,8 @@ def outputs(model: nn.Module, split: Split | torch.Tensor, positions: torch.Tens
         parts.append(batch_outputs(model, x))
     model.train(was)
     if not parts:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return tuple(torch.cat([p[i] for p in parts]).numpy() for i in range(3))  # type: ignore[return-value]
+        return Outputs.empty()
+    return Outputs(*(torch.cat([p[i] for p in parts]).numpy() for i in range(3)))
 
 
 def accuracy_from_probs(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -61,20 +85,6 @@ def true_class_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ structure
-
-
-def affinity_matrix(features: np.ndarray, R: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-    """S = norm(f R) A^T, as in the method."""
-    z = features @ R
-    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    return (z @ anchors.T).astype(np.float32)
-
-
-def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine between matching rows of a and b."""
-    num = (a * b).sum(1)
-    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return num / den
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -1,19 +1,23 @@
 """One unlearning request from start to saved run: the entry point of the CLI and the dashboard.
 
-execute_run validates the request, loads model, data and anchors, measures the
-original model, unlearns, measures again, and writes the run directory atomically.
+execute_run passes typed values through five stages, each a short function:
+
+    resolve(request)            -> Resolved   model, data, anchors, forget rows, config, device
+    measure(original, ...)      -> Measured   outputs of the original model (cached on disk)
+    unlearn(resolved)           -> Unlearned  the engine's loop, with feature snapshots for the timeline
+    measure(unlearned, ...)     -> Measured   the same rows through the unlearned model
+    assemble + save             -> Path       run.json and audit.npz, written atomically
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,19 +25,24 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from . import runs
+from .anchors import AnchorSet, build_anchor_set, load_anchor_texts, validate_anchor_texts
+from .audit.affinity import sample_affinity
 from .data import Dataset, DataError, load_dataset
-from .engine import (Callbacks, UnlearnError, anchor_map, load_unlearned, run_unlearning, save_unlearned,
+from .engine import (Callbacks, Outcome, UnlearnError, anchor_map, load_unlearned, run_unlearning, save_unlearned,
                      term_shares)
-from .methods import default_config
-from .metrics import (accuracy_from_probs, affinity_matrix, dimensional_alignment, outputs, per_class_accuracy,
+from .methods import UnlearnConfig, default_config
+from .metrics import (Outputs, accuracy_from_probs, dimensional_alignment, outputs, per_class_accuracy,
                       structure_scores, true_class_confidence)
 from .models import load_model, pick_device
+from .peak_memory import PeakMemory
 from .train import prepare_model, to_device_format
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_SNAPSHOTS = 40
+ACCURACIES = ("forget_acc", "retain_acc", "test_acc")
 
 
 @dataclass
@@ -59,6 +68,97 @@ class RunRequest:
     uploads: list[tuple[np.ndarray, int]] = field(default_factory=list)  # user images (uint8 CxHxW, label)
 
 
+# ------------------------------------------------------------------------------ values between stages
+
+
+@dataclass
+class StartModel:
+    """The model a run starts from: a sample/user model or the result of an earlier run."""
+
+    model: nn.Module
+    card: dict                       # the base model's card (a chain keeps its root's card)
+    key: str                         # cache key of its outputs: weights hash or parent run id
+    name: str
+    parent_meta: dict | None = None
+    forgotten_before: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Rows:
+    """Row positions into the dataset's splits that a run measures."""
+
+    forget: torch.Tensor             # train positions of the forget ids (uploads come on top)
+    retain: torch.Tensor             # retain subset for A_r
+    retain_set: str                  # "full" or "subset of N"
+    test: torch.Tensor
+    audit_retain: torch.Tensor       # audit sample: retained and test images per class
+    audit_test: torch.Tensor
+
+
+@dataclass
+class Labels:
+    forget: np.ndarray
+    retain: np.ndarray
+    test: np.ndarray
+    audit: np.ndarray                # forget, audit_retain, audit_test in that order
+
+
+@dataclass
+class Resolved:
+    """A validated request: everything the engine and the measurements need."""
+
+    request: RunRequest
+    ds: Dataset
+    start: StartModel
+    ids: list[int]
+    config: UnlearnConfig
+    anchor_set: AnchorSet
+    device: torch.device
+    rows: Rows
+    x_forget: torch.Tensor           # forget images (dataset rows then uploads), on the device
+    y_forget: torch.Tensor
+    labels: Labels
+
+    @property
+    def k(self) -> int:
+        return len(self.y_forget)
+
+    @property
+    def all_forgotten(self) -> set[int]:
+        return self.start.forgotten_before | set(self.ids)
+
+
+@dataclass
+class Measured:
+    """One model's outputs on the forget set, the retain subset, the test set and the audit sample."""
+
+    forget: Outputs
+    retain: Outputs
+    test: Outputs
+    audit_retain: Outputs
+    audit_test: Outputs
+
+    @property
+    def kept(self) -> Outputs:
+        """The audit sample without the forget set: what structure preservation is judged on."""
+        return Outputs.concat(self.audit_retain, self.audit_test)
+
+    @property
+    def audit(self) -> Outputs:
+        return Outputs.concat(self.forget, self.audit_retain, self.audit_test)
+
+
+@dataclass
+class Unlearned:
+    model: nn.Module
+    outcome: Outcome
+    snapshot_steps: list[int]
+    snapshots: list[np.ndarray]      # prediction-path features of the audit sample, float16
+
+
+# ------------------------------------------------------------------------------------- small helpers
+
+
 def cached_dataset(name: str, data_dir: str | None) -> Dataset:
     """One loaded copy per (dataset, folder, configured folder): the env var is part of the key."""
     return _cached_dataset(name, data_dir, os.environ.get("STRUCTGUARD_FASHION_DIR"))
@@ -76,10 +176,6 @@ def code_version() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def validate_forget_ids(ids: list[int], ds: Dataset, already_forgotten: set[int] = frozenset()) -> list[int]:
@@ -106,6 +202,11 @@ def validate_forget_ids(ids: list[int], ds: Dataset, already_forgotten: set[int]
     return ids
 
 
+def tug_of_war(accs: dict[str, float], reference: dict[str, float]) -> float:
+    """Product over A_f, A_r, A_test of (1 - |acc - acc_retrain| / 100): 1 is the retrained model."""
+    return float(np.prod([1 - abs(accs[k] - reference[k]) / 100 for k in ACCURACIES]))
+
+
 def _stable_positions(pool: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     if n <= 0 or n >= len(pool):
         return pool
@@ -126,23 +227,22 @@ def _hash_positions(t: torch.Tensor) -> str:
     return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:16]
 
 
-_BEFORE_CACHE: dict[tuple, tuple] = {}
+_ORIGINAL_CACHE: dict[str, Outputs] = {}
 
 
-def _outputs_cached(key: str, model: torch.nn.Module, split, positions: torch.Tensor,
-                    cache_dir: Path | None = None) -> tuple:
-    """Outputs of the ORIGINAL model never change, so they are cached in memory and on disk
-    (keyed by the weights' hash or parent run, the split and the exact rows)."""
-    name = hashlib.sha1(f"{key}|{len(split)}|{_hash_positions(split.ids)}|{_hash_positions(positions)}".encode())
-    k = name.hexdigest()[:24]
-    if k in _BEFORE_CACHE:
-        return _BEFORE_CACHE[k]
+def original_outputs(key: str, model: nn.Module, split, positions: torch.Tensor, cache_dir: Path | None) -> Outputs:
+    """Outputs of a model that never changes (an original or a retrained one), cached in memory and on
+    disk, keyed by its weights' hash or parent run, the split and the exact rows."""
+    name = f"{key}|{len(split)}|{_hash_positions(split.ids)}|{_hash_positions(positions)}"
+    k = hashlib.sha1(name.encode()).hexdigest()[:24]
+    if k in _ORIGINAL_CACHE:
+        return _ORIGINAL_CACHE[k]
     path = cache_dir / f"original-{k}.npz" if cache_dir else None
     result = None
     if path is not None and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                result = (z["feats"], z["backbone"], z["probs"])
+                result = Outputs(z["feats"], z["backbone"], z["probs"])
         except Exception:  # a damaged cache file is recomputed, never trusted
             result = None
     if result is None:
@@ -150,21 +250,125 @@ def _outputs_cached(key: str, model: torch.nn.Module, split, positions: torch.Te
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, feats=result[0], backbone=result[1], probs=result[2])
+            np.savez(tmp, feats=result.features, backbone=result.backbone, probs=result.probs)
             tmp.replace(path)
-    if len(_BEFORE_CACHE) > 16:
-        _BEFORE_CACHE.clear()
-    _BEFORE_CACHE[k] = result
+    if len(_ORIGINAL_CACHE) > 16:
+        _ORIGINAL_CACHE.clear()
+    _ORIGINAL_CACHE[k] = result
     return result
 
 
-def tug_of_war(accs: dict[str, float], reference: dict[str, float]) -> float:
-    """Product over A_f, A_r, A_test of (1 - |acc - acc_retrain| / 100): 1 is the retrained model."""
-    return float(np.prod([1 - abs(accs[k] - reference[k]) / 100 for k in ("forget_acc", "retain_acc", "test_acc")]))
+# ------------------------------------------------------------------------------ stage 1: resolve
 
 
-def retrain_reference(base_card: dict, ids: list[int], ds: Dataset, device: torch.device, r_pos: torch.Tensor,
-                      f_pos: torch.Tensor, cache: Path, after: dict, probs: tuple, labels: tuple) -> dict | None:
+def load_start(request: RunRequest) -> StartModel:
+    if request.parent_run:
+        parent = runs.load_run(request.parent_run, strict=True)
+        meta = parent.meta
+        return StartModel(load_unlearned(parent.path), meta["model"]["card"], f"run:{parent.run_id}",
+                          meta["model"]["name"], meta,
+                          set(meta.get("all_forget_ids", meta.get("forget_ids", []))))
+    loaded = load_model(request.model)
+    return StartModel(loaded.model, loaded.card, f"model:{loaded.card.get('weights_sha256', request.model)}",
+                      request.model)
+
+
+def choose_rows(ds: Dataset, ids: list[int], all_forgotten: set[int], request: RunRequest) -> Rows:
+    """Forget rows, a fixed retain subset for A_r, the full test set and the per-class audit sample."""
+    f_pos = ds.train.positions(ids) if ids else torch.empty(0, dtype=torch.long)
+    keep = ~torch.isin(ds.train.ids, torch.tensor(sorted(all_forgotten), dtype=torch.long))
+    retain_pool = torch.nonzero(keep).squeeze(1)
+    r_pos = _stable_positions(retain_pool, request.retain_eval, seed=0)
+    retain_set = "full" if len(r_pos) == len(retain_pool) and ds.full else f"subset of {len(r_pos)}"
+    t_pos = torch.arange(len(ds.test))
+    return Rows(f_pos, r_pos, retain_set, t_pos,
+                _audit_positions(ds.train.labels, retain_pool, request.audit_per_class, seed=1),
+                _audit_positions(ds.test.labels, t_pos, request.audit_per_class, seed=2))
+
+
+def forget_batch(ds: Dataset, rows: Rows, uploads: list[tuple[np.ndarray, int]],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forget images on the device: the chosen training rows, then the user's uploads."""
+    x, y = ds.train.images(rows.forget), ds.train.labels[rows.forget]
+    if uploads:
+        up_x = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.uint8)) for img, _ in uploads])
+        if tuple(up_x.shape[1:]) != ds.input_shape:
+            raise UnlearnError(f"uploaded images must be {ds.input_shape}, got {tuple(up_x.shape[1:])}")
+        labels = [int(lbl) for _, lbl in uploads]
+        if any(not 0 <= lbl < ds.num_classes for lbl in labels):
+            raise UnlearnError(f"upload labels must be class indices 0..{ds.num_classes - 1}")
+        x, y = torch.cat([x, up_x.float() / 255]), torch.cat([y, torch.tensor(labels)])
+    return to_device_format(x, device), y.to(device)
+
+
+def resolve(request: RunRequest) -> Resolved:
+    """Load and validate everything a request names; every user error is raised here, before any work."""
+    from .encoders import get_encoder  # imported when used: open_clip and transformers are slow to import
+
+    ds = cached_dataset(request.dataset, request.data_dir)
+    start = load_start(request)
+    if len(start.card["class_names"]) != ds.num_classes:
+        raise UnlearnError(f"the model has {len(start.card['class_names'])} classes but {ds.name} has "
+                           f"{ds.num_classes}; pick a model trained on this dataset")
+    if not request.forget_ids and not request.uploads:
+        raise UnlearnError("the forget set is empty: pick at least one training image (or upload one)")
+    ids = validate_forget_ids(request.forget_ids, ds, start.forgotten_before) if request.forget_ids else []
+    config = default_config(request.method, ds.name, k=len(ids) + len(request.uploads),
+                            **dict(request.config, seed=request.seed))
+    texts = request.anchor_texts if request.anchor_texts is not None else load_anchor_texts(ds.name, ds.class_names)
+    anchor_set = build_anchor_set(validate_anchor_texts(texts, ds.class_names), ds.class_names,
+                                  get_encoder(request.encoder, request.clip_checkpoint))
+    device = pick_device(request.device)
+    start.model = prepare_model(start.model, device).eval()
+    rows = choose_rows(ds, ids, start.forgotten_before | set(ids), request)
+    x_forget, y_forget = forget_batch(ds, rows, request.uploads, device)
+    y_f = y_forget.cpu().numpy()
+    labels = Labels(y_f, ds.train.labels[rows.retain].numpy(), ds.test.labels.numpy(),
+                    np.concatenate([y_f, ds.train.labels[rows.audit_retain].numpy(),
+                                    ds.test.labels[rows.audit_test].numpy()]).astype(np.int64))
+    return Resolved(request, ds, start, ids, config, anchor_set, device, rows, x_forget, y_forget, labels)
+
+
+# ------------------------------------------------------------------------------ stages 2 and 4: measure
+
+
+def measure(model: nn.Module, res: Resolved, original_key: str | None = None,
+            cache_dir: Path | None = None) -> Measured:
+    """A model's outputs on every row set of the run. `original_key` marks a model that never changes
+    (the original or a retrained one): its dataset rows are then cached (core never alters them)."""
+    ds, rows = res.ds, res.rows
+
+    def on(split, positions: torch.Tensor) -> Outputs:
+        if original_key is None:
+            return outputs(model, split, positions)
+        tag = "|train" if split is ds.train else "|test"
+        return original_outputs(original_key + tag, model, split, positions, cache_dir)
+
+    return Measured(outputs(model, res.x_forget), on(ds.train, rows.retain), on(ds.test, rows.test),
+                    on(ds.train, rows.audit_retain), on(ds.test, rows.audit_test))
+
+
+def summarise(m: Measured, res: Resolved) -> dict:
+    """Accuracies, per-class test accuracy and the forget features' dimensional alignment."""
+    y = res.labels
+    return {
+        "forget_acc": accuracy_from_probs(m.forget.probs, y.forget),
+        "retain_acc": accuracy_from_probs(m.retain.probs, y.retain),
+        "retain_set": res.rows.retain_set,
+        "test_acc": accuracy_from_probs(m.test.probs, y.test),
+        "per_class_test_acc": per_class_accuracy(m.test.probs, y.test, res.ds.num_classes),
+        "dim_alignment": dimensional_alignment(m.forget.features, m.kept.features),
+        "dim_alignment_energy": 0.95,
+    }
+
+
+def structure(before: Measured, after: Measured, R: np.ndarray, anchors: np.ndarray, backbone: bool = False) -> dict:
+    """Affinity row cosine, CKA and kNN overlap of the kept audit sample, original vs unlearned."""
+    fb, fa = (before.kept.backbone, after.kept.backbone) if backbone else (before.kept.features, after.kept.features)
+    return structure_scores(fb, fa, sample_affinity(fb, anchors, R), sample_affinity(fa, anchors, R))
+
+
+def retrain_reference(res: Resolved, after: Measured, after_accs: dict, cache_dir: Path) -> dict | None:
     """The retrained model's numbers on the same rows, the gaps to it and the Tug-of-War score.
 
     Only when bench/retrain holds a model retrained without exactly this forget set (core.retrain).
@@ -174,32 +378,60 @@ def retrain_reference(base_card: dict, ids: list[int], ds: Dataset, device: torc
     from .audit.mia import confidence_mia
     from .retrain import find_retrained
 
-    path = find_retrained(base_card, ids)
+    if res.start.parent_meta or res.request.uploads:
+        return None
+    path = find_retrained(res.start.card, res.ids)
     if path is None:
         return None
     loaded = load_model(path)
-    model = prepare_model(loaded.model, device).eval()
-    key = f"model:{loaded.card['weights_sha256']}"
-    r_out = _outputs_cached(key + "|train", model, ds.train, r_pos, cache)
-    t_out = _outputs_cached(key + "|test", model, ds.test, torch.arange(len(ds.test)), cache)
-    f_out = _outputs_cached(key + "|train", model, ds.train, f_pos, cache)
-    y_r, y_t, y_f = labels
-    ref = {"forget_acc": accuracy_from_probs(f_out[2], y_f), "retain_acc": accuracy_from_probs(r_out[2], y_r),
-           "test_acc": accuracy_from_probs(t_out[2], y_t),
-           "card": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
-           "command": (loaded.card.get("training") or {}).get("command")}
-    mia_ref = confidence_mia(true_class_confidence(r_out[2], y_r), true_class_confidence(t_out[2], y_t),
-                             true_class_confidence(f_out[2], y_f))
-    mia_run = confidence_mia(*(true_class_confidence(p, y) for p, y in zip(probs, labels)))
-    ref["gap"] = {k: after[k] - ref[k] for k in ("forget_acc", "retain_acc", "test_acc")}
-    ref["tug_of_war"] = tug_of_war(after, ref)
-    ref["mia_forget_member_rate"] = {"retrain": mia_ref.member_rate_forget, "unlearned": mia_run.member_rate_forget}
+    ref_out = measure(prepare_model(loaded.model, res.device).eval(), res,
+                      original_key=f"model:{loaded.card['weights_sha256']}", cache_dir=cache_dir)
+    y = res.labels
+    ref = {k: v for k, v in summarise(ref_out, res).items() if k in ACCURACIES}
+    ref["card"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    ref["command"] = (loaded.card.get("training") or {}).get("command")
+
+    def member_rate(m: Measured) -> float:
+        return confidence_mia(true_class_confidence(m.retain.probs, y.retain),
+                              true_class_confidence(m.test.probs, y.test),
+                              true_class_confidence(m.forget.probs, y.forget)).member_rate_forget
+
+    ref["gap"] = {k: after_accs[k] - ref[k] for k in ACCURACIES}
+    ref["tug_of_war"] = tug_of_war(after_accs, ref)
+    ref["mia_forget_member_rate"] = {"retrain": member_rate(ref_out), "unlearned": member_rate(after)}
     return ref
 
 
-def _auto_snapshot_every(config, k: int) -> int:
-    """About 30 snapshots over the longest possible run: each one costs a forward pass of the audit
-    sample, which every step would pay for again (the timeline needs frames, not every step)."""
+# ------------------------------------------------------------------------------ stage 3: unlearn
+
+
+class Snapshots:
+    """Prediction-path features of the audit sample during the updates (the collapse timeline).
+
+    StructGuard's projector starts as the identity, so step 0 is exactly the original feature space.
+    Each snapshot costs a forward pass of the audit sample; the count stays bounded by thinning.
+    """
+
+    def __init__(self, x_audit: torch.Tensor, device: torch.device, every: int) -> None:
+        self.x_audit, self.device, self.every = x_audit, device, max(1, every)
+        self.steps: list[int] = []
+        self.frames: list[np.ndarray] = []
+
+    @torch.no_grad()
+    def __call__(self, step: int, live: nn.Module, force: bool = False) -> None:
+        if step % self.every and step != 0 and not force:
+            return
+        feats = torch.cat([live.features(to_device_format(self.x_audit[i:i + 1000], self.device)).cpu()
+                           for i in range(0, len(self.x_audit), 1000)])
+        self.frames.append(feats.half().numpy())
+        self.steps.append(step)
+        if len(self.frames) > MAX_SNAPSHOTS:  # thin out and snapshot less often from here on
+            del self.frames[1::2], self.steps[1::2]
+            self.every *= 2
+
+
+def _auto_snapshot_every(config: UnlearnConfig, k: int) -> int:
+    """About 30 snapshots over the longest possible run (the timeline needs frames, not every step)."""
     from .methods import get_method
 
     pool = k * config.n_adv if get_method(config.method).needs_proxy else k
@@ -207,231 +439,145 @@ def _auto_snapshot_every(config, k: int) -> int:
     return max(1, max_steps // 30)
 
 
-def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path:
-    """Run one unlearning request and return the completed run directory."""
-    from .anchors import build_anchor_set, load_anchor_texts, validate_anchor_texts
-    from .encoders import get_encoder
-
-    cb = callbacks or Callbacks()
-    t_start = time.perf_counter()
-    cb.progress(0.0, "loading model and data")
-    ds = cached_dataset(request.dataset, request.data_dir)
-
-    # The starting model: a sample/user model, or the result of an earlier run.
-    parent_meta: dict | None = None
-    if request.parent_run:
-        parent = runs.load_run(request.parent_run, strict=True)
-        parent_meta = parent.meta
-        model = load_unlearned(parent.path)
-        base_card = parent.meta["model"]["card"]
-        model_key = f"run:{parent.run_id}"
-        forgotten_before = set(parent.meta.get("all_forget_ids", parent.meta.get("forget_ids", [])))
-    else:
-        loaded = load_model(request.model)
-        model, base_card = loaded.model, loaded.card
-        model_key = f"model:{loaded.card.get('weights_sha256', request.model)}"
-        forgotten_before = set()
-    if len(base_card["class_names"]) != ds.num_classes:
-        raise UnlearnError(f"the model has {len(base_card['class_names'])} classes but {ds.name} has "
-                           f"{ds.num_classes}; pick a model trained on this dataset")
-    if not request.forget_ids and not request.uploads:
-        raise UnlearnError("the forget set is empty: pick at least one training image (or upload one)")
-    ids = validate_forget_ids(request.forget_ids, ds, forgotten_before) if request.forget_ids else []
-
-    config = default_config(request.method, ds.name, k=len(ids) + len(request.uploads),
-                            **dict(request.config, seed=request.seed))
-    texts = request.anchor_texts if request.anchor_texts is not None else load_anchor_texts(ds.name, ds.class_names)
-    texts = validate_anchor_texts(texts, ds.class_names)
-    encoder = get_encoder(request.encoder, request.clip_checkpoint)
-    anchor_set = build_anchor_set(texts, ds.class_names, encoder)
-
-    device = pick_device(request.device)
-    model = prepare_model(model, device).eval()
-
-    # Rows: forget set, retain subset for A_r, full test set, and the audit sample.
-    f_pos = ds.train.positions(ids) if ids else torch.empty(0, dtype=torch.long)
-    all_forgotten = forgotten_before | set(ids)
-    keep = ~torch.isin(ds.train.ids, torch.tensor(sorted(all_forgotten), dtype=torch.long))
-    retain_pool = torch.nonzero(keep).squeeze(1)
-    r_pos = _stable_positions(retain_pool, request.retain_eval, seed=0)
-    retain_set = "full" if len(r_pos) == len(retain_pool) and ds.full else f"subset of {len(r_pos)}"
-    t_pos = torch.arange(len(ds.test))
-    a_ret = _audit_positions(ds.train.labels, retain_pool, request.audit_per_class, seed=1)
-    a_test = _audit_positions(ds.test.labels, t_pos, request.audit_per_class, seed=2)
-
-    x_forget = ds.train.images(f_pos)
-    y_forget = ds.train.labels[f_pos]
-    if request.uploads:
-        up_x = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.uint8)) for img, _ in request.uploads])
-        if tuple(up_x.shape[1:]) != ds.input_shape:
-            raise UnlearnError(f"uploaded images must be {ds.input_shape}, got {tuple(up_x.shape[1:])}")
-        labels = [int(lbl) for _, lbl in request.uploads]
-        if any(not 0 <= lbl < ds.num_classes for lbl in labels):
-            raise UnlearnError(f"upload labels must be class indices 0..{ds.num_classes - 1}")
-        x_forget = torch.cat([x_forget, up_x.float() / 255])
-        y_forget = torch.cat([y_forget, torch.tensor(labels)])
-    x_forget = to_device_format(x_forget, device)
-    y_forget = y_forget.to(device)
-    k = len(y_forget)
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    cb.progress(0.02, "measuring the original model")
-    cache = runs.runs_root(request.runs_root) / ".cache"
-    before_r = _outputs_cached(model_key + "|train", model, ds.train, r_pos, cache)
-    before_t = _outputs_cached(model_key + "|test", model, ds.test, t_pos, cache)
-    before_ar = _outputs_cached(model_key + "|train", model, ds.train, a_ret, cache)
-    before_at = _outputs_cached(model_key + "|test", model, ds.test, a_test, cache)
-    before_f = outputs(model, x_forget)
-    timings["evaluation_before"] = time.perf_counter() - t0
-
-    anchors_np = anchor_set.matrix.cpu().numpy()
-    d = before_ar[0].shape[1]
-    R = anchor_map(d, anchors_np.shape[1], config.seed).numpy()
-
-    # Snapshots: prediction-path features of the audit sample during the updates (the collapse timeline).
-    # StructGuard's projector starts as the identity, so step 0 is exactly the original feature space.
-    x_audit = torch.cat([x_forget.cpu(), ds.train.images(a_ret), ds.test.images(a_test)])
-    snapshots: list[np.ndarray] = []
-    snapshot_steps: list[int] = []
-    every = [request.snapshot_every or _auto_snapshot_every(config, k)]
-
-    @torch.no_grad()
-    def on_snapshot(step: int, live: torch.nn.Module) -> None:
-        if step % every[0] and step != 0:
-            return
-        feats = torch.cat([live.features(to_device_format(x_audit[i:i + 1000], device)).cpu()
-                           for i in range(0, len(x_audit), 1000)])
-        snapshots.append(feats.half().numpy())
-        snapshot_steps.append(step)
-        if len(snapshots) > MAX_SNAPSHOTS:  # keep the timeline bounded: thin out and snapshot less often
-            del snapshots[1::2], snapshot_steps[1::2]
-            every[0] *= 2
+def unlearn(res: Resolved, cb: Callbacks) -> Unlearned:
+    ds, rows = res.ds, res.rows
+    x_audit = torch.cat([res.x_forget.cpu(), ds.train.images(rows.audit_retain), ds.test.images(rows.audit_test)])
+    snaps = Snapshots(x_audit, res.device, res.request.snapshot_every or _auto_snapshot_every(res.config, res.k))
 
     def scaled(fraction: float, message: str) -> None:
         cb.progress(0.05 + 0.8 * fraction, message)
 
     inner = Callbacks(on_progress=scaled, on_step=cb.on_step, should_cancel=cb.should_cancel,
-                      on_snapshot=on_snapshot, snapshot_every=1)
-    outcome = run_unlearning(model, x_forget, y_forget, ds.num_classes, config, anchor_set.matrix, inner)
-    timings.update(outcome.timings)
-    live = outcome.model
-    if snapshot_steps and snapshot_steps[-1] != outcome.steps:
-        every[0] = 1
-        on_snapshot(outcome.steps, live)
+                      on_snapshot=snaps, snapshot_every=1)
+    outcome = run_unlearning(res.start.model, res.x_forget, res.y_forget, ds.num_classes, res.config,
+                             res.anchor_set.matrix, inner)
+    if snaps.steps and snaps.steps[-1] != outcome.steps:
+        snaps(outcome.steps, outcome.model, force=True)
+    return Unlearned(outcome.model, outcome, snaps.steps, snaps.frames)
 
-    t0 = time.perf_counter()
-    cb.progress(0.86, "measuring the unlearned model")
-    cb.check_cancel("evaluation")
-    after_r = outputs(live, ds.train, r_pos)
-    cb.check_cancel("evaluation")
-    after_t = outputs(live, ds.test, t_pos)
-    after_ar = outputs(live, ds.train, a_ret)
-    after_at = outputs(live, ds.test, a_test)
-    after_f = outputs(live, x_forget)
-    timings["evaluation"] = time.perf_counter() - t0
 
-    y_f = y_forget.cpu().numpy()
-    y_r, y_t = ds.train.labels[r_pos].numpy(), ds.test.labels.numpy()
-    y_ar, y_at = ds.train.labels[a_ret].numpy(), ds.test.labels[a_test].numpy()
+# ------------------------------------------------------------------------------ stage 5: assemble and save
 
-    def summary(f_out, r_out, t_out, ar_out, at_out) -> dict:
-        return {
-            "forget_acc": accuracy_from_probs(f_out[2], y_f),
-            "retain_acc": accuracy_from_probs(r_out[2], y_r),
-            "retain_set": retain_set,
-            "test_acc": accuracy_from_probs(t_out[2], y_t),
-            "per_class_test_acc": per_class_accuracy(t_out[2], y_t, ds.num_classes),
-            "dim_alignment": dimensional_alignment(f_out[0], np.concatenate([ar_out[0], at_out[0]])),
-        }
 
-    m_before = summary(before_f, before_r, before_t, before_ar, before_at)
-    m_after = summary(after_f, after_r, after_t, after_ar, after_at)
-    kept_before = np.concatenate([before_ar[0], before_at[0]])
-    kept_after = np.concatenate([after_ar[0], after_at[0]])
-    aff_b, aff_a = affinity_matrix(kept_before, R, anchors_np), affinity_matrix(kept_after, R, anchors_np)
-    m_after["structure"] = structure_scores(kept_before, kept_after, aff_b, aff_a)
-    m_after["structure_backbone"] = structure_scores(
-        np.concatenate([before_ar[1], before_at[1]]), np.concatenate([after_ar[1], after_at[1]]),
-        affinity_matrix(np.concatenate([before_ar[1], before_at[1]]), R, anchors_np),
-        affinity_matrix(np.concatenate([after_ar[1], after_at[1]]), R, anchors_np))
-    m_after["dim_alignment_energy"] = m_before["dim_alignment_energy"] = 0.95
-    reference = None
-    if not parent_meta and not request.uploads:
-        cb.check_cancel("evaluation")
-        reference = retrain_reference(base_card, ids, ds, device, r_pos, f_pos, cache, m_after,
-                                      (after_r[2], after_t[2], after_f[2]), (y_r, y_t, y_f))
-
-    n_up = len(request.uploads)
-    audit_ids = np.concatenate([np.array(ids, dtype=np.int64), -np.arange(1, n_up + 1, dtype=np.int64),
-                                ds.train.ids[a_ret].numpy(), ds.test.ids[a_test].numpy()])
-    group = np.array(["forget"] * k + ["retain"] * len(a_ret) + ["test"] * len(a_test))
-    labels = np.concatenate([y_f, y_ar, y_at]).astype(np.int64)
-
-    def cat(i: int, f_out, ar_out, at_out) -> np.ndarray:
-        return np.concatenate([f_out[i], ar_out[i], at_out[i]]).astype(np.float32)
-
-    feats_before, feats_after = cat(0, before_f, before_ar, before_at), cat(0, after_f, after_ar, after_at)
-    probs_before, probs_after = cat(2, before_f, before_ar, before_at), cat(2, after_f, after_ar, after_at)
+def audit_arrays(res: Resolved, before: Measured, after: Measured, unl: Unlearned, R: np.ndarray) -> dict:
+    """audit.npz: everything the audit views draw, one row per audit sample (forget, retain, test)."""
+    ds, rows, y = res.ds, res.rows, res.labels
+    n_up = len(res.request.uploads)
+    anchors = res.anchor_set.matrix.cpu().numpy()
+    b, a = before.audit, after.audit
     audit = {
-        "ids": audit_ids, "group": group, "labels": labels,
-        "feats_before": feats_before, "feats_after": feats_after,
-        "backbone_after": cat(1, after_f, after_ar, after_at),
-        "affinity_before": affinity_matrix(feats_before, R, anchors_np),
-        "affinity_after": affinity_matrix(feats_after, R, anchors_np),
-        "anchors": anchors_np.astype(np.float32), "R": R.astype(np.float32),
-        "conf_before": true_class_confidence(probs_before, labels),
-        "conf_after": true_class_confidence(probs_after, labels),
-        "retain_conf_before": true_class_confidence(before_r[2], y_r),
-        "retain_conf_after": true_class_confidence(after_r[2], y_r),
-        "test_conf_before": true_class_confidence(before_t[2], y_t),
-        "test_conf_after": true_class_confidence(after_t[2], y_t),
-        "pred_before": probs_before.argmax(1).astype(np.int64), "pred_after": probs_after.argmax(1).astype(np.int64),
+        "ids": np.concatenate([np.array(res.ids, dtype=np.int64), -np.arange(1, n_up + 1, dtype=np.int64),
+                               ds.train.ids[rows.audit_retain].numpy(), ds.test.ids[rows.audit_test].numpy()]),
+        "group": np.array(["forget"] * res.k + ["retain"] * len(rows.audit_retain) + ["test"] * len(rows.audit_test)),
+        "labels": y.audit,
+        "feats_before": b.features, "feats_after": a.features, "backbone_after": a.backbone,
+        "affinity_before": sample_affinity(b.features, anchors, R),
+        "affinity_after": sample_affinity(a.features, anchors, R),
+        "anchors": anchors.astype(np.float32), "R": R.astype(np.float32),
+        "conf_before": true_class_confidence(b.probs, y.audit), "conf_after": true_class_confidence(a.probs, y.audit),
+        "pred_before": b.probs.argmax(1).astype(np.int64), "pred_after": a.probs.argmax(1).astype(np.int64),
     }
-    if snapshots:
-        audit["snapshot_steps"] = np.array(snapshot_steps, dtype=np.int64)
-        audit["snapshots"] = np.stack(snapshots)
+    for name, m in (("before", before), ("after", after)):
+        audit[f"retain_conf_{name}"] = true_class_confidence(m.retain.probs, y.retain)
+        audit[f"test_conf_{name}"] = true_class_confidence(m.test.probs, y.test)
+    if unl.snapshots:
+        audit["snapshot_steps"] = np.array(unl.snapshot_steps, dtype=np.int64)
+        audit["snapshots"] = np.stack(unl.snapshots)
+    return audit
 
-    timings["total"] = time.perf_counter() - t_start
-    root = runs.runs_root(request.runs_root)
-    run_id = runs.new_run_id(request.method, k, request.seed, root)
+
+def run_meta(res: Resolved, run_id: str, weights_card: dict, metrics: dict, unl: Unlearned, timings: dict,
+             memory: PeakMemory) -> dict:
+    """run.json: what was asked, what it ran on, what it measured."""
+    req, start, outcome = res.request, res.start, unl.outcome
+    card = start.card
+    return {
+        "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "method": req.method, "config": res.config.to_dict(), "seed": req.seed,
+        "parent_run": start.parent_meta["run_id"] if start.parent_meta else None,
+        "dataset": res.ds.card(),
+        "model": {"name": start.name, "arch": card["arch"], "card": card,
+                  "card_sha256": hashlib.sha256(repr(sorted(card.items())).encode()).hexdigest(),
+                  "weights_sha256": card.get("weights_sha256"), "start": start.key, "chain": weights_card["chain"]},
+        "forget_ids": res.ids, "k": res.k,
+        "uploads": [{"index": i, "label": int(lbl), "sha256": hashlib.sha256(np.asarray(img).tobytes()).hexdigest()}
+                    for i, (img, lbl) in enumerate(req.uploads)],
+        "all_forget_ids": sorted(res.all_forgotten),
+        "anchors": {"encoder": res.anchor_set.encoder, "hash": res.anchor_set.hash,
+                    "class_names": res.ds.class_names, "texts": res.anchor_set.texts,
+                    "warnings": res.anchor_set.warnings},
+        "code_version": code_version(),
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
+                        "platform": platform.platform(), "device": str(res.device),
+                        "cuda": torch.cuda.get_device_name(0) if res.device.type == "cuda" else None},
+        "request": {k: v for k, v in asdict(req).items() if k not in ("uploads", "anchor_texts")},
+        "metrics": metrics,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        # the run's own peak (sampled while it ran), not the process's lifetime maximum
+        "peak_rss_mb": round(memory.peak_mb, 1), "rss_start_mb": round(memory.start_mb, 1),
+        "device": str(res.device),
+        "history": outcome.history, "stop_reason": outcome.stop_reason, "steps": outcome.steps,
+        "importance": outcome.extra.get("importance"), "term_shares": term_shares(outcome.history),
+    }
+
+
+def save(res: Resolved, unl: Unlearned, build_meta: Any, audit: dict, cb: Callbacks) -> Path:
+    """Write the run into a hidden .partial folder and rename it into place only when complete."""
+    root = runs.runs_root(res.request.runs_root)
+    run_id = runs.new_run_id(res.request.method, res.k, res.request.seed, root)
     partial = runs.partial_dir(root, run_id)
     try:
         cb.check_cancel("saving")
-        weights_card = save_unlearned(live.cpu(), partial, base_card, {"run_id": run_id, "method": request.method})
-        meta = {
-            "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "method": request.method, "config": config.to_dict(), "seed": request.seed,
-            "parent_run": parent_meta["run_id"] if parent_meta else None,
-            "dataset": ds.card(),
-            "model": {"name": request.model if not parent_meta else parent_meta["model"]["name"],
-                      "arch": base_card["arch"], "card": base_card,
-                      "card_sha256": hashlib.sha256(repr(sorted(base_card.items())).encode()).hexdigest(),
-                      "weights_sha256": base_card.get("weights_sha256"), "start": model_key,
-                      "chain": weights_card["chain"]},
-            "forget_ids": ids, "k": k,
-            "uploads": [{"index": i, "label": int(lbl), "sha256": hashlib.sha256(np.asarray(img).tobytes()).hexdigest()}
-                        for i, (img, lbl) in enumerate(request.uploads)],
-            "all_forget_ids": sorted(all_forgotten),
-            "anchors": {"encoder": anchor_set.encoder, "hash": anchor_set.hash, "class_names": ds.class_names,
-                        "texts": anchor_set.texts, "warnings": anchor_set.warnings},
-            "code_version": code_version(),
-            "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
-                            "platform": platform.platform(), "device": str(device),
-                            "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
-            "request": {k2: v for k2, v in asdict(request).items() if k2 not in ("uploads", "anchor_texts")},
-            "metrics": {"before": m_before, "after": m_after, "retrain": reference},
-            "timings": {k2: round(v, 3) for k2, v in timings.items()},
-            "peak_rss_mb": round(peak_rss_mb(), 1), "device": str(device),
-            "history": outcome.history, "stop_reason": outcome.stop_reason, "steps": outcome.steps,
-            "importance": outcome.extra.get("importance"), "term_shares": term_shares(outcome.history),
-        }
-        final = runs.finalize(partial, meta, audit)
+        weights_card = save_unlearned(unl.model.cpu(), partial, res.start.card,
+                                      {"run_id": run_id, "method": res.request.method})
+        return runs.finalize(partial, build_meta(run_id, weights_card), audit)
     except BaseException:
         runs.discard(partial)
         raise
+
+
+# ------------------------------------------------------------------------------ the whole request
+
+
+def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path:
+    """Run one unlearning request and return the completed run directory."""
+    cb = callbacks or Callbacks()
+    t_start = time.perf_counter()
+    with PeakMemory() as memory:
+        cb.progress(0.0, "loading model and data")
+        res = resolve(request)
+        cache = runs.runs_root(request.runs_root) / ".cache"
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        cb.progress(0.02, "measuring the original model")
+        before = measure(res.start.model, res, original_key=res.start.key, cache_dir=cache)
+        timings["evaluation_before"] = time.perf_counter() - t0
+
+        unl = unlearn(res, cb)
+        timings.update(unl.outcome.timings)
+
+        t0 = time.perf_counter()
+        cb.progress(0.86, "measuring the unlearned model")
+        cb.check_cancel("evaluation")
+        after = measure(unl.model, res)
+        timings["evaluation"] = time.perf_counter() - t0
+
+        anchors = res.anchor_set.matrix.cpu().numpy()
+        R = anchor_map(before.kept.features.shape[1], anchors.shape[1], res.config.seed).numpy()
+        m_before, m_after = summarise(before, res), summarise(after, res)
+        m_after["structure"] = structure(before, after, R, anchors)
+        m_after["structure_backbone"] = structure(before, after, R, anchors, backbone=True)
+        cb.check_cancel("evaluation")
+        reference = retrain_reference(res, after, m_after, cache)
+        audit = audit_arrays(res, before, after, unl, R)
+        timings["total"] = time.perf_counter() - t_start
+
+    metrics = {"before": m_before, "after": m_after, "retrain": reference}
+    final = save(res, unl, lambda run_id, card: run_meta(res, run_id, card, metrics, unl, timings, memory), audit, cb)
     cb.progress(1.0, f"saved {final.name}")
     return final
 
 
-__all__ = ["DataError", "RunRequest", "cached_dataset", "execute_run", "validate_forget_ids"]
+__all__ = ["DataError", "Measured", "Resolved", "RunRequest", "cached_dataset", "execute_run", "measure", "resolve",
+           "tug_of_war", "unlearn", "validate_forget_ids"]

@@ -26,13 +26,20 @@ def anchor_similarity(anchors: np.ndarray) -> np.ndarray:
 
 
 def sample_affinity(feats: np.ndarray, anchors: np.ndarray, R: np.ndarray | None = None) -> np.ndarray:
-    """[M, C] = norm(feats R) A^T; R=None means identity (feature dim == anchor dim)."""
-    f = np.asarray(feats, dtype=np.float64)
-    if R is not None:
-        f = f @ np.asarray(R, dtype=np.float64)
-    if f.shape[1] != np.asarray(anchors).shape[1]:
-        raise ValueError(f"feature dim {f.shape[1]} does not match anchor dim {np.asarray(anchors).shape[1]}; pass R")
-    return (_unit_rows(f) @ _unit_rows(anchors).T).astype(np.float32)
+    """[M, C] = norm(feats R) A^T with the training loss's own formula (core.methods.affinity), in float64.
+
+    R=None means identity (feature dim == anchor dim). Anchors are unit rows, as the anchor set stores them.
+    """
+    import torch
+
+    from ..methods import affinity
+
+    f = torch.from_numpy(np.asarray(feats, dtype=np.float64))
+    a = torch.from_numpy(np.asarray(anchors, dtype=np.float64))
+    r = torch.eye(f.shape[1], dtype=torch.float64) if R is None else torch.from_numpy(np.asarray(R, np.float64))
+    if r.shape[1] != a.shape[1] or f.shape[1] != r.shape[0]:
+        raise ValueError(f"feature dim {f.shape[1]} does not match anchor dim {a.shape[1]}; pass R")
+    return affinity(f, r, a).numpy().astype(np.float32)
 
 
 def affinity_difference(before: np.ndarray, after: np.ndarray) -> np.ndarray:
