@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
+from .anchors import AnchorError
 from .data import DataError, load_dataset
-from .models import ModelError, list_models, list_sample_models, load_model, pick_device, save_model
+from .encoders import EncoderError
+from .engine import UnlearnError
+from .forget_ids import ForgetIdsError, read_forget_ids_file
+from .models import SAMPLE_MODELS, ModelError, list_models, list_sample_models, load_model, pick_device, save_model
+from .runs import RunError, clean_partials_once
 from .train import TrainConfig, accuracy, prepare_model, train_classifier
+
+# Errors a user causes (a bad path, file, name or choice): one line on stderr and exit code 2.
+# Anything else is a bug and keeps its traceback; STRUCTGUARD_DEBUG=1 shows it for these too.
+USER_ERRORS = (AnchorError, DataError, EncoderError, ForgetIdsError, ModelError, RunError, UnlearnError,
+               FileNotFoundError)
 
 COMMANDS: dict[str, tuple[callable, callable]] = {}
 
@@ -32,6 +44,16 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def check_model(name_or_path: str) -> None:
+    """Refuse a model name that is neither a sample model nor a card path, before any data is loaded."""
+    path = Path(name_or_path)
+    if path.exists() or path.with_suffix(".json").is_file() or (SAMPLE_MODELS / f"{name_or_path}.json").is_file():
+        return
+    samples = ", ".join(c["name"] for c in list_sample_models()) or "none installed"
+    raise ModelError(f"unknown model {name_or_path!r}: no sample model of that name ({samples}) and no model card "
+                     f"{path.with_suffix('.json')}; give a sample model name or the path to a model card")
 
 
 # ------------------------------------------------------------------------- info
@@ -134,15 +156,18 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
 @command("retrain", _retrain_args)
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Retrain the base model's recipe from scratch without the forget set (the reference)."""
-    from .cli_unlearn import random_forget_ids, read_ids
+    from .cli_unlearn import random_forget_ids
     from .retrain import ids_hash, retrain, retrain_dir, save_retrained
 
     if (args.ids is None) == (args.k is None):
         print("error: give --ids FILE or --k K (with --forget-seed S)", file=sys.stderr)
         return 2
-    ids = read_ids(args.ids) if args.ids else random_forget_ids(args.dataset, args.data_dir, args.k, args.forget_seed)
-    base = load_model(args.model)
+    id_file = read_forget_ids_file(args.ids) if args.ids else None
+    check_model(args.model)
     ds = load_dataset(args.dataset, args.data_dir)
+    ids = id_file.ids_for(ds.name) if id_file else random_forget_ids(args.dataset, args.data_dir, args.k,
+                                                                     args.forget_seed)
+    base = load_model(args.model)
     if not ds.full:
         print(f"warning: retraining on {ds.source_kind} data ({len(ds.train)} images), not the full set",
               file=sys.stderr)
@@ -170,6 +195,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", _eval_args)
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_model(args.model)
     loaded = load_model(args.model)
     ds = load_dataset(loaded.card.get("dataset", args.dataset) if args.dataset == "fashion-mnist" else args.dataset,
                       args.data_dir)
@@ -219,10 +245,30 @@ def _load_optional_commands() -> None:
                 raise
 
 
+def _check_data_dir(args: argparse.Namespace) -> None:
+    """A --data-dir that does not exist is a typo: refuse it rather than fall back to another copy of the data."""
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir and not Path(data_dir).expanduser().exists():
+        raise DataError(f"--data-dir {data_dir} does not exist; check the path, or leave it out to use the "
+                        "default location")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename} does not exist; check the path"
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; a user error is one line on stderr and exit code 2, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
+        _check_data_dir(args)
+        if "runs_dir" in args:  # the commands that write runs: clear what killed runs left behind
+            clean_partials_once(args.runs_dir)
         return args.func(args) or 0
-    except (DataError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if os.environ.get("STRUCTGUARD_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2

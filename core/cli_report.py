@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from .cli import _device_arg, command
+from .runs import RunError
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -22,15 +24,29 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradcam-images", type=int, default=4, help="forget images in the Grad-CAM gallery")
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse what is not a run at all; a damaged run still gets a report that lists what is missing."""
+    hint = "give a run folder such as runs/<run_id>"
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is not a directory; {hint}")
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+    except FileNotFoundError:
+        raise RunError(f"{run_dir} is not a run folder: it has no run.json; {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{run_dir}/run.json cannot be read ({exc}); the run is damaged beyond a report: "
+                       "run it again") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{run_dir}/run.json does not describe a run; the run is damaged: run it again")
+
+
 @command("report", _report_args)
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML audit report of a run (opens offline)."""
     from .report import build_report
 
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        print(f"error: {run_dir} is not a directory", file=sys.stderr)
-        return 2
+    check_run_dir(run_dir)
     result = build_report(run_dir, args.out, png_dir=args.png_dir, drift_method=args.drift,
                           drift_space=args.drift_space, gradcam=not args.no_gradcam,
                           n_gradcam=args.gradcam_images, device=args.device,

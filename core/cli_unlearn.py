@@ -6,16 +6,23 @@ import argparse
 import json
 import statistics
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from .cli import _data_args, _device_arg, command
+from . import runs
+from .anchors import DATASET_CLASSES, load_anchor_texts
+from .cli import _data_args, _device_arg, check_model, command
+from .encoders import ENCODER_NAMES, EncoderError
 from .engine import Callbacks, UnlearnError
-from .methods import METHODS, UnlearnConfig
-from .pipeline import RunRequest, cached_dataset, execute_run
-from .proxy import Cancelled
+from .forget_ids import read_forget_ids_file
+from .methods import METHODS, UnlearnConfig, default_config
+
+if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): imported where a run needs it
+    from .pipeline import RunRequest
 
 CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
                 "max_epochs", "projector_init", "schedule", "deletion", "margin", "bn")
@@ -29,6 +36,8 @@ HELP = {"schedule": "ours (default: engine v2) or paper (the authors' loop: CE a
 
 def random_forget_ids(dataset: str, data_dir: str | None, k: int, seed: int) -> list[int]:
     """k training ids drawn uniformly at random (the paper's protocol), reproducible from the seed."""
+    from .pipeline import cached_dataset
+
     ds = cached_dataset(dataset, data_dir)
     if k < 1:
         raise UnlearnError("k must be at least 1")
@@ -60,35 +69,50 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     _request_args(p)
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--k", type=int, default=None, help="forget k random training images")
-    p.add_argument("--ids", default=None, help="file with forget ids (JSON list or one per line) instead of --k")
+    p.add_argument("--ids", default=None, help="file with forget ids instead of --k: a JSON list, the dashboard's "
+                                               "saved forget set, or one id per line")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parent", default=None, help="run directory to continue from (sequential deletion requests)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def read_ids(path: str) -> list[int]:
-    text = Path(path).read_text()
-    try:
-        data = json.loads(text)
-        data = data.get("forget_ids", data) if isinstance(data, dict) else data
-    except json.JSONDecodeError:
-        data = [line.strip() for line in text.splitlines() if line.strip()]
-    try:
-        return [int(v) for v in data]
-    except (TypeError, ValueError) as exc:
-        raise UnlearnError(f"{path} must hold a list of integer ids: {exc}") from exc
+def check_encoder_name(name: str) -> None:
+    """The names core.encoders.get_encoder accepts, checked without loading any weights (that takes seconds)."""
+    name = (name or "auto").strip()
+    if name not in ("auto", "clip", "minilm") and not name.startswith(("clip:", "clip-random:")):
+        raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODER_NAMES)}")
 
 
 def build_request(args: argparse.Namespace, method: str, k: int | None, seed: int) -> RunRequest:
-    from .anchors import load_anchor_texts
-
-    ids = read_ids(args.ids) if getattr(args, "ids", None) else random_forget_ids(args.dataset, args.data_dir, k, seed)
+    """The run request; the user's inputs are checked cheapest first, so a mistake is reported before the
+    dataset loads where it can be (core.pipeline checks them all again)."""
+    id_file = read_forget_ids_file(args.ids) if getattr(args, "ids", None) else None
+    check_encoder_name(args.encoder)
+    parent = getattr(args, "parent", None)
+    if parent:
+        try:
+            runs.load_run(parent, strict=True)
+        except runs.RunError as exc:
+            raise runs.RunError(f"--parent: {exc}; give a complete run folder such as runs/<run_id>") from exc
+    else:
+        check_model(args.model)
     overrides = {f: getattr(args, f) for f in CONFIG_FLAGS if getattr(args, f, None) is not None}
     overrides.update({s: False for s in ("sa", "sr", "cr") if getattr(args, f"no_{s}", False)})
+    try:
+        default_config(method, args.dataset, k=len(id_file.ids) if id_file else k, **dict(overrides, seed=seed))
+    except ValueError as exc:
+        raise UnlearnError(f"{exc}; change that option") from None
     texts = None
-    if args.anchors:
-        texts = load_anchor_texts(args.anchors, cached_dataset(args.dataset, args.data_dir).class_names)
-    return RunRequest(forget_ids=ids, method=method, model=args.model, parent_run=getattr(args, "parent", None),
+    known = DATASET_CLASSES.get(args.dataset)  # shipped datasets: the anchor file is checked before the data loads
+    if args.anchors and known:
+        texts = load_anchor_texts(args.anchors, known)
+    from .pipeline import RunRequest, cached_dataset  # only now: the checks above need none of the audit stack
+
+    ds = cached_dataset(args.dataset, args.data_dir)
+    if args.anchors and not known:
+        texts = load_anchor_texts(args.anchors, ds.class_names)
+    ids = id_file.ids_for(ds.name) if id_file else random_forget_ids(args.dataset, args.data_dir, k, seed)
+    return RunRequest(forget_ids=ids, method=method, model=args.model, parent_run=parent,
                       dataset=args.dataset, data_dir=args.data_dir, config=overrides, seed=seed, anchor_texts=texts,
                       encoder=args.encoder, clip_checkpoint=args.clip_checkpoint, runs_root=args.runs_dir,
                       retain_eval=args.retain_eval, device=args.device)
@@ -114,10 +138,15 @@ def result_row(run_dir: Path) -> dict:
 @command("unlearn", _unlearn_args)
 def cmd_unlearn(args: argparse.Namespace) -> int:
     """Unlearn a forget set from a model and save the run."""
-    if args.k is None and not args.ids:
-        print("error: give --k K (random forget set) or --ids FILE", file=sys.stderr)
+    from .pipeline import execute_run
+
+    if (args.k is None) == (args.ids is None):
+        print("error: give --k K (random forget set) or --ids FILE, not both", file=sys.stderr)
         return 2
-    bar = None if args.json else tqdm(total=100, desc=args.method, bar_format="{l_bar}{bar}| {postfix}")
+    request = build_request(args, args.method, args.k, args.seed)
+    # A terminal only (disable=None), and erased when done (leave=False): an error stays the one line on stderr.
+    bar = None if args.json else tqdm(total=100, desc=args.method, bar_format="{l_bar}{bar}| {postfix}",
+                                      disable=None, leave=False)
 
     def progress(fraction: float, message: str) -> None:
         if bar is not None:
@@ -125,18 +154,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message)
 
     try:
-        request = build_request(args, args.method, args.k, args.seed)
-        run_dir = execute_run(request, Callbacks(on_progress=progress))
-    except (UnlearnError, ValueError, Cancelled) as exc:
-        if bar is not None:
-            bar.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with bar if bar is not None else nullcontext():
+            run_dir = execute_run(request, Callbacks(on_progress=progress))
     except KeyboardInterrupt:
         print("cancelled: nothing was saved", file=sys.stderr)
         return 130
-    if bar is not None:
-        bar.close()
     row = result_row(run_dir)
     if args.json:
         print(json.dumps(row))
@@ -254,12 +276,10 @@ def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]
 @command("bench", _bench_args)
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a grid of methods (and variants) x k x seeds; write a markdown table (mean ± std over seeds)."""
+    from .pipeline import execute_run
+
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        variants = {label: _variant(label) for label in labels}
-    except UnlearnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    variants = {label: _variant(label) for label in labels}
     ks = [int(k) for k in args.ks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[dict] = []

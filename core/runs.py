@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -13,6 +14,9 @@ from typing import Any
 import numpy as np
 
 REQUIRED_FILES = ("run.json", "audit.npz", "model.safetensors", "model.json")
+# A run builds its folder (.<run_id>.partial) only while saving, its last few seconds, then renames it
+# into place; one older than an hour belongs to a killed process, never to a run still saving.
+PARTIAL_MAX_AGE_S = 3600
 
 
 class RunError(RuntimeError):
@@ -174,14 +178,29 @@ def lineage(run_dir: str | Path) -> list[dict]:
     return chain[::-1]
 
 
-def clean_partials(root: str | Path | None = None, older_than_s: float = 3600) -> int:
-    """Delete leftovers of crashed or cancelled runs; returns how many were removed."""
+def clean_partials(root: str | Path | None = None, older_than_s: float = PARTIAL_MAX_AGE_S) -> int:
+    """Delete leftovers of killed runs (.<run_id>.partial older than older_than_s); returns how many."""
     root = runs_root(root)
     if not root.is_dir():
         return 0
     n = 0
     for p in root.glob(".*.partial"):
-        if time.time() - p.stat().st_mtime > older_than_s:
+        try:
+            age = time.time() - p.stat().st_mtime
+        except OSError:  # removed meanwhile by another process cleaning the same root
+            continue
+        if p.is_dir() and age > older_than_s:
             discard(p)
             n += 1
     return n
+
+
+def clean_partials_once(root: str | Path | None = None) -> int:
+    """clean_partials at the start of a process (CLI command, dashboard): once per runs root and process;
+    later calls return the first call's count and touch nothing (the dashboard re-runs app.py on every click)."""
+    return _clean_once(str(runs_root(root).resolve()))
+
+
+@functools.cache
+def _clean_once(root: str) -> int:
+    return clean_partials(root)

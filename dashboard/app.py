@@ -18,12 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import streamlit as st  # noqa: E402
 
+from core.runs import clean_partials_once  # noqa: E402
 from dashboard import state, widgets  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
 st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:", layout="wide")
 state.session_token()
+clean_partials_once(state.runs_root())  # folders of killed runs; once per process, though this script re-runs
 
 nav = st.navigation([
     st.Page(PAGES / "start.py", title="Start", icon=":material/home:", default=True),

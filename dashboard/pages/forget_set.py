@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core.forget_ids import parse_forget_ids
 from dashboard import state, uploads
 
 PER_PAGE = 24
@@ -160,7 +161,7 @@ with left:
                                   type=["json", "txt"], key=f"fs_ids_{st.session_state.get('fs_ids_rev', 0)}")
         if loaded is not None and st.button("Load this id list"):
             try:
-                ids = uploads.parse_id_list(loaded.getvalue(), ds.name)
+                ids = parse_forget_ids(loaded.getvalue(), "the file", dataset=ds.name)
                 ds.train.positions(ids)  # raises DataError on ids not in this split
             except Exception as exc:
                 st.error(f"Could not load {loaded.name}: {exc}")
