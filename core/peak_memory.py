@@ -1,27 +1,23 @@
 """Peak resident memory of one piece of work, sampled while it runs.
 
 `ru_maxrss` is the process's lifetime peak: in the long-lived dashboard every run would
-inherit the largest earlier run. A sampler thread reading /proc/self/statm measures the
-run itself; the peak between samples can be missed, so the interval is short.
+inherit the largest earlier run. A sampler thread (psutil) measures the run itself; a
+peak shorter than the interval can be missed, so the interval is short.
 """
 
 from __future__ import annotations
 
-import os
-import resource
 import threading
 from types import TracebackType
 
-_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 4096 / 2**20
+import psutil
+
+_PROCESS = psutil.Process()
 
 
 def rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; elsewhere the lifetime peak, the best available)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_MB
-    except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Current resident set size of this process in MiB."""
+    return _PROCESS.memory_info().rss / 2**20
 
 
 class PeakMemory:

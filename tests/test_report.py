@@ -253,3 +253,18 @@ def test_png_export_skipped_without_chromium(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "find_chromium", lambda: None)
     paths, note = report.export_pngs({"a": go.Figure()}, tmp_path / "png")
     assert paths == [] and "skipped" in note
+
+
+def test_report_escapes_what_the_run_record_says(neggrad_run, tmp_path):
+    """Anchor texts, model names and warnings are user input: the template autoescapes them."""
+    run = _copy(neggrad_run, tmp_path)
+    meta = json.loads((run / "run.json").read_text())
+    evil = "<script>alert('x')</script>"
+    first = next(iter(meta["anchors"]["texts"]))
+    meta["anchors"]["texts"][first] = [evil]
+    meta["anchors"]["warnings"] = [evil]
+    meta["model"]["name"] = evil
+    (run / "run.json").write_text(json.dumps(meta))
+    html = build_report(run, tmp_path / "r.html", drift_method="pca", gradcam=False).path.read_text()
+    assert evil not in html
+    assert html.count("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;") >= 3  # anchors table, warning, provenance
