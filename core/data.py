@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .downloads import ALLOW_DOWNLOADS_ENV, downloads_allowed
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_FASHION = ASSETS / "data" / "fashion-mnist-subset.npz"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -79,7 +81,7 @@ class Split:
                             "ids are indices of the original split")
         return torch.tensor([lookup[int(i)] for i in ids.tolist()], dtype=torch.long)
 
-    def subset(self, positions: torch.Tensor) -> "Split":
+    def subset(self, positions: torch.Tensor) -> Split:
         return Split(self.pixels[positions], self.labels[positions], self.ids[positions])
 
 
@@ -191,14 +193,6 @@ def _download_fashion(dest: Path, timeout: float = 5.0) -> Path:
     return dest
 
 
-def downloads_allowed() -> bool:
-    off = {"1", "true", "yes"}
-    return not (
-        os.environ.get("HF_HUB_OFFLINE", "").lower() in off
-        or os.environ.get("STRUCTGUARD_OFFLINE", "").lower() in off
-    )
-
-
 def load_bundled_fashion(path: Path = BUNDLED_FASHION) -> Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"bundled subset {path} is missing")
@@ -239,7 +233,7 @@ def load_fashion_mnist(
         except (OSError, FileNotFoundError) as exc:
             tried.append(f"download to {dest}: {exc}")
     else:
-        tried.append("download: skipped (offline mode: HF_HUB_OFFLINE or STRUCTGUARD_OFFLINE is set)")
+        tried.append(f"download: skipped (set {ALLOW_DOWNLOADS_ENV}=1 without HF_HUB_OFFLINE to allow it)")
     if bundled is not None:
         try:
             return load_bundled_fashion(bundled)

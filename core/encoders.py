@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .downloads import ALLOW_DOWNLOADS_ENV, downloads_allowed
+
 log = logging.getLogger(__name__)
 
 CLIP_ARCH = "ViT-B-32"
@@ -36,9 +38,7 @@ CLIP_HF_REPOS = {"ViT-B-32": "timm/vit_base_patch32_clip_224.openai"}
 CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CHECKPOINT_ENV = "STRUCTGUARD_CLIP_CHECKPOINT"
-ALLOW_DOWNLOADS_ENV = "STRUCTGUARD_ALLOW_DOWNLOADS"
 ENCODER_NAMES = ("auto", "clip", "minilm", "clip-random:<open_clip arch>")
-_TRUE = {"1", "true", "yes", "on"}
 
 HOW_TO_PROVIDE_CLIP = (
     f"To use CLIP offline, either (a) put the OpenAI {CLIP_ARCH} weights in a file "
@@ -87,7 +87,7 @@ class TextEncoder:
             if vecs.shape != (len(missing), self.dim):
                 raise EncoderError(f"{self.name} returned shape {vecs.shape}, expected ({len(missing)}, {self.dim})")
             with _LOCK:
-                for t, v in zip(missing, vecs):
+                for t, v in zip(missing, vecs, strict=True):
                     v.setflags(write=False)  # cached rows are shared between callers
                     _EMBED_CACHE[(self.name, t)] = v
         with _LOCK:
@@ -219,12 +219,6 @@ def _load_minilm() -> MiniLMEncoder:
 
 
 # ------------------------------------------------------------------------ clip
-
-
-def downloads_allowed() -> bool:
-    """Downloads only on explicit opt-in, and never when HF_HUB_OFFLINE is on."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
-    return os.environ.get(ALLOW_DOWNLOADS_ENV, "").lower() in _TRUE and not offline
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -287,5 +286,3 @@ def pick_device(prefer: str | None = None) -> torch.device:
         return torch.device(prefer)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-
-ProgressFn = Callable[[float, str], None]

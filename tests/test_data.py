@@ -127,6 +127,19 @@ def test_download_skipped_when_offline(clean_env, monkeypatch) -> None:
     assert ds.source_kind == "bundled"
 
 
+def test_download_needs_an_explicit_opt_in(clean_env, monkeypatch) -> None:
+    """One switch (core.downloads) for datasets and CLIP: HF_HUB_OFFLINE unset is not consent."""
+    monkeypatch.setattr(data, "_download_fashion", lambda *a, **k: (_ for _ in ()).throw(AssertionError("download")))
+    clean_env.delenv("HF_HUB_OFFLINE")
+    clean_env.delenv("STRUCTGUARD_ALLOW_DOWNLOADS", raising=False)
+    assert not data.downloads_allowed()
+    assert load_fashion_mnist(debian_dir=MISSING).source_kind == "bundled"
+    clean_env.setenv("STRUCTGUARD_ALLOW_DOWNLOADS", "1")
+    assert data.downloads_allowed()
+    clean_env.setenv("HF_HUB_OFFLINE", "1")
+    assert not data.downloads_allowed()
+
+
 def test_download_source_used_when_allowed(clean_env, monkeypatch, write_idx_dir) -> None:
     """The download step's result is used in third place (the network itself is stubbed)."""
     fetched = write_idx_dir(gz=True, name="downloaded")
