@@ -17,7 +17,7 @@ DEV_REQS := requirements-dev.txt requirements-dev-lock.txt
 STAMP := $(VENV)/.installed-run-$(shell cat $(REQS) 2>/dev/null | cksum | cut -d' ' -f1)
 DEV_STAMP := $(VENV)/.installed-dev-$(shell cat $(DEV_REQS) 2>/dev/null | cksum | cut -d' ' -f1)
 
-# Nothing downloads at run time; HF_HUB_OFFLINE=0 allows it (CLIP weights also need STRUCTGUARD_ALLOW_DOWNLOADS=1).
+# Nothing downloads at run time; downloads need HF_HUB_OFFLINE=0 and STRUCTGUARD_ALLOW_DOWNLOADS=1 (core/downloads.py).
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
