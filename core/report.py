@@ -46,6 +46,7 @@ class ReportResult:
     pngs: list[Path] = field(default_factory=list)
     png_note: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    figs: dict[str, go.Figure] = field(default_factory=dict, repr=False)  # the drawn figures, by name
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -206,7 +207,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, png_dir:
     tmp = out.with_suffix(out.suffix + ".part")
     tmp.write_text(doc, encoding="utf-8")
     tmp.replace(out)
-    result = ReportResult(out, rep.missing, list(rep.figs), seconds=rep.seconds)
+    result = ReportResult(out, rep.missing, list(rep.figs), seconds=rep.seconds, figs=rep.figs)
     if png_dir is not None:
         say("png export")
         t0 = time.perf_counter()
