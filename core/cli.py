@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 
 from .anchors import AnchorError
 from .data import DataError, load_dataset
+from .downloads import env_flag
 from .encoders import EncoderError
 from .engine import UnlearnError
 from .forget_ids import ForgetIdsError, read_forget_ids_file
@@ -23,7 +23,7 @@ from .runs import RunError, clean_partials_once
 from .train import TrainConfig, accuracy, prepare_model, train_classifier
 
 # Errors a user causes (a bad path, file, name or choice): one line on stderr and exit code 2.
-# Anything else is a bug and keeps its traceback; STRUCTGUARD_DEBUG=1 shows it for these too.
+# Anything else is a bug and keeps its traceback; STRUCTGUARD_DEBUG=1 (or true, yes, on) shows it for these too.
 USER_ERRORS = (AnchorError, DataError, EncoderError, ForgetIdsError, ModelError, RunError, UnlearnError,
                FileNotFoundError)
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             clean_partials_once(args.runs_dir)
         return args.func(args) or 0
     except USER_ERRORS as exc:
-        if os.environ.get("STRUCTGUARD_DEBUG", "") not in ("", "0"):
+        if env_flag("STRUCTGUARD_DEBUG"):
             traceback.print_exc()
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2

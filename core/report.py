@@ -32,6 +32,7 @@ from plotly.offline import get_plotlyjs
 from . import figures as F
 from .audit.mia import MIA_DEFINITION
 from .audit.views import accuracy_rows, affinity_view, drift_view, gradcam_view, mia_view
+from .downloads import env_flag
 
 __all__ = ["ReportResult", "build_report", "export_pngs", "find_chromium", "load_run_tolerant"]
 
@@ -145,7 +146,7 @@ class _Report:
             fn()
         except Exception as exc:
             self.note_missing(f"{label}: failed with {type(exc).__name__}: {exc}")
-            if os.environ.get("STRUCTGUARD_DEBUG"):
+            if env_flag("STRUCTGUARD_DEBUG"):
                 traceback.print_exc()
         self.seconds[label] = time.perf_counter() - t0
 
