@@ -18,14 +18,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import streamlit as st  # noqa: E402
 
-from core.runs import clean_partials_once  # noqa: E402
-from dashboard import state, widgets  # noqa: E402
+from core.runs import clean_partials_once, runs_root  # noqa: E402
+from dashboard import session as S  # noqa: E402
+from dashboard import widgets  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
 st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:", layout="wide")
-state.session_token()
-clean_partials_once(state.runs_root())  # folders of killed runs; once per process, though this script re-runs
+S.session_token()
+clean_partials_once(runs_root())  # folders of killed runs; once per process, though this script re-runs
 
 nav = st.navigation([
     st.Page(PAGES / "start.py", title="Start", icon=":material/home:", default=True),
@@ -38,10 +39,10 @@ nav = st.navigation([
 
 with st.sidebar:
     st.caption("This session")
-    n_up = len(state.uploads())
-    st.markdown(f"**Forget set:** {len(state.selection())} images" + (f" + {n_up} uploaded" if n_up else ""))
+    n_up = len(S.uploads())
+    st.markdown(f"**Forget set:** {len(S.selection())} images" + (f" + {n_up} uploaded" if n_up else ""))
     widgets.sidebar_job()
-    run = state.current_run()
+    run = S.current_run()
     if run is not None:
         st.markdown(f"**Current run:** `{run.name}`")
 

@@ -9,7 +9,10 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from dashboard import state
+from core.runs import runs_root
+from dashboard import jobs
+from dashboard import resources as R
+from dashboard import session as S
 
 DEMO_K = 8
 DEMO_SEED = 0
@@ -18,7 +21,7 @@ DEMO_OVERRIDES: dict[str, Any] = {}  # the engine's own defaults for k=8 (tuned 
 DEMO_RETAIN_EVAL = 2000  # retain accuracy on a fixed subset of this size (the test set is always full)
 
 
-def _callbacks(job: state.Job, i: int, n: int, tag: str) -> Any:
+def _callbacks(job: jobs.Job, i: int, n: int, tag: str) -> Any:
     """core.engine.Callbacks for run i of n: progress mapped into [i/n, (i+1)/n], steps tagged with the run."""
     from core.engine import Callbacks
 
@@ -39,11 +42,16 @@ def make_request(**fields: Any) -> Any:
 
 
 def launch(label: str, requests: list[Any], open_page: str) -> None:
-    """Run the requests one after another in this session's background thread."""
+    """Run the requests one after another in this session's background thread.
+
+    The worker calls core only (execute_run, then the drift view cached beside each new run);
+    anything from Streamlit's caches is resolved here, in the script thread.
+    """
     from core.pipeline import execute_run
 
-    def work(job: state.Job) -> list[Path]:
-        state.warm_up_drift()
+    R.warm_up_drift()  # starts UMAP's one-time compile in its own thread
+
+    def work(job: jobs.Job) -> list[Path]:
         dirs: list[Path] = []
         for i, req in enumerate(requests):
             if job.should_cancel():
@@ -57,17 +65,26 @@ def launch(label: str, requests: list[Any], open_page: str) -> None:
         job.on_progress(1.0, "preparing the audit views ...")
         for d in dirs:  # so the Audit page opens without waiting for the drift map
             try:
-                state.drift(str(d), (d / "run.json").stat().st_mtime)
+                prepare_views(d)
             except Exception:  # the Audit page shows the problem when it is opened
                 pass
         return dirs
 
     st.session_state.job_open_page = open_page
-    state.start_job(label, work)
+    jobs.start_job(label, work)
+
+
+def prepare_views(run_dir: Path) -> None:
+    """Fit a new run's drift map and cache it beside the run (core only: safe in the worker thread)."""
+    from core.audit.views import drift_view
+    from core.runs import load_run
+
+    rec = load_run(run_dir)
+    drift_view(run_dir, rec.audit, rec.meta, n_classes=len(R.class_names(rec.meta)) or None)
 
 
 def busy() -> bool:
-    job = state.current_job()
+    job = jobs.current_job()
     return job is not None and job.status == "running"
 
 
@@ -86,7 +103,7 @@ def live_charts(history: list[dict], key: str) -> None:
 
 def job_panel(key: str) -> None:
     """Progress, live curves and a cancel button for this session's job; polls while it runs."""
-    job = state.current_job()
+    job = jobs.current_job()
     if job is None:
         return
     running = job.status == "running"
@@ -112,7 +129,7 @@ def job_panel(key: str) -> None:
     if snap["status"] == "done" and snap["run_dirs"]:
         st.success("Saved: " + ", ".join(f"`{d.name}`" for d in snap["run_dirs"]))
         if st.button("Open in Audit", key=f"{key}_open", icon=":material/fact_check:"):
-            state.set_current_run(snap["run_dirs"][-1])
+            S.set_current_run(snap["run_dirs"][-1])
             st.switch_page("pages/audit.py")
     elif snap["status"] == "cancelled":
         st.warning("The run was cancelled. Nothing was saved for the unfinished run; earlier saved runs are intact.")
@@ -122,7 +139,7 @@ def job_panel(key: str) -> None:
 
 def sidebar_job() -> None:
     """A small progress line on every page while this session's job runs; records the outcome once it ends."""
-    job = state.current_job()
+    job = jobs.current_job()
     if job is None:
         return
     running = job.status == "running"
@@ -139,17 +156,17 @@ def sidebar_job() -> None:
     finish_job(job)
 
 
-def finish_job(job: state.Job) -> None:
+def finish_job(job: jobs.Job) -> None:
     """Once per finished job: remember its runs in this session and open the follow-up page."""
     snap = job.snapshot()
-    if snap["status"] != "done" or not snap["run_dirs"] or getattr(job, "handled", False):
+    if snap["status"] != "done" or not snap["run_dirs"] or job.handled:
         return
-    job.handled = True  # type: ignore[attr-defined]
+    job.handled = True
     ids = [d.name for d in snap["run_dirs"]]
-    state.my_runs().extend(i for i in ids if i not in state.my_runs())
-    state.set_current_run(snap["run_dirs"][-1])
+    S.my_runs().extend(i for i in ids if i not in S.my_runs())
+    S.set_current_run(snap["run_dirs"][-1])
     if len(ids) > 1:
-        state.request_compare(ids)
+        S.request_compare(ids)
     st.switch_page(st.session_state.pop("job_open_page", "pages/audit.py"))
 
 
@@ -167,9 +184,9 @@ def demo_launcher(model_name: str | None, ds: Any) -> None:
     if st.button("Run the teaching demo", type="primary", icon=":material/play_arrow:", disabled=busy(), help=tip):
         rng = np.random.default_rng(DEMO_SEED)
         ids = sorted(int(i) for i in rng.choice(ds.train.ids.numpy(), DEMO_K, replace=False))
-        state.set_selection(ids)
+        S.set_selection(ids)
         reqs = [make_request(model=model_name, dataset=ds.name, forget_ids=ids, method=m, config=DEMO_OVERRIDES,
-                             seed=DEMO_SEED, runs_root=str(state.runs_root()), retain_eval=DEMO_RETAIN_EVAL,
+                             seed=DEMO_SEED, runs_root=str(runs_root()), retain_eval=DEMO_RETAIN_EVAL,
                              **anchor_fields())
                 for m in ("neggrad", "structguard")]
         launch("Teaching demo: NegGrad vs StructGuard", reqs, "pages/runs.py")
@@ -179,20 +196,17 @@ def demo_launcher(model_name: str | None, ds: Any) -> None:
 
 def anchor_fields() -> dict[str, Any]:
     """The session's anchor texts and encoder, as RunRequest fields."""
-    texts = state.anchor_texts()
-    return {"anchor_texts": texts or None, "encoder": state.encoder_choice()}
-
+    texts = S.anchor_texts()
+    return {"anchor_texts": texts or None, "encoder": S.encoder_choice()}
 
 
 def drift_figure(rec: Any, key: str) -> None:
-    """The drift scatter of a loaded run (cached per run), or a note when it cannot be drawn."""
+    """The drift scatter of a loaded run (core.audit.views, cached per run), or a note when it cannot be drawn."""
     if "feats_before" not in rec.audit:
         st.caption("No audit features in this run.")
         return
     from core.figures import drift_scatter
 
-    run_json = Path(rec.path) / "run.json"
-    result, _ = state.drift(str(rec.path), run_json.stat().st_mtime)
-    classes = (rec.meta.get("dataset") or {}).get("classes")
-    st.plotly_chart(drift_scatter(result.before, result.after, result.labels, result.groups, classes,
-                                  method=result.method), key=key)
+    result = R.drift_view(rec.path).result
+    st.plotly_chart(drift_scatter(result.before, result.after, result.labels, result.groups,
+                                  R.class_names(rec.meta), method=result.method), key=key)

@@ -41,7 +41,8 @@ def write_subset_idx(root: Path) -> Path:
     ds = load_bundled_fashion()
     root.mkdir(parents=True, exist_ok=True)
     for split, part in (("train", ds.train), ("test", ds.test)):
-        for stem, arr in zip(IDX_FILES[split], (part.pixels[:, 0].numpy(), part.labels.numpy().astype(np.uint8))):
+        for stem, arr in zip(IDX_FILES[split], (part.pixels[:, 0].numpy(), part.labels.numpy().astype(np.uint8)),
+                             strict=True):
             head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
             (root / stem).write_bytes(head + arr.tobytes())
     return root
@@ -129,19 +130,40 @@ def no_exceptions(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
 
-def wait_for_job(at: AppTest, limit: float = 60) -> None:
+def wait_for_job(at: AppTest, limit: float = 240) -> None:
     """Re-run the script (as the fragment would) until this session's job is no longer running."""
-    from dashboard import state
+    from dashboard import jobs
 
     end = time.time() + limit
     while time.time() < end:
-        job = state._job_registry().get(at.session_state.token)
+        job = jobs.registry().get(at.session_state.token)
         if job is not None and job.status != "running":
             job.thread.join(5)
             at.run()
             return
         time.sleep(0.2)
     raise AssertionError("the background job did not finish")
+
+
+CACHED = ("get_dataset", "get_model", "get_encoder", "encoder_choices", "class_positions", "train_predictions",
+          "thumbnail", "load_run", "drift_view", "affinity_view", "gradcam_view", "warm_up_drift")
+
+
+def record_cached_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(function, thread name) of every call to dashboard.resources' Streamlit-cached getters from now on."""
+    from dashboard import resources
+
+    calls: list[tuple[str, str]] = []
+
+    def recording(name: str, fn):
+        def wrapper(*args, **kwargs):
+            calls.append((name, threading.current_thread().name))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in CACHED:
+        monkeypatch.setattr(resources, name, recording(name, getattr(resources, name)))
+    return calls
 
 
 def png_bytes(size: tuple[int, int] = (28, 28), mode: str = "L", noise: bool = False) -> bytes:
@@ -172,11 +194,15 @@ def test_start_page_shows_model_dataset_encoder_device(app_env) -> None:
 def test_teaching_demo_runs_both_methods_and_opens_comparison(app_env, monkeypatch) -> None:
     fake = GatedEngine()
     monkeypatch.setattr(pipeline, "execute_run", fake)
+    calls = record_cached_calls(monkeypatch)
     at = new_app()
     next(b for b in at.button if b.label == "Run the teaching demo").click().run()
     no_exceptions(at)
     wait_for_job(at)
     no_exceptions(at)
+    assert calls and not [c for c in calls if c[1].startswith("structguard-")], "the worker thread used st caches"
+    for run_id in at.session_state.compare_runs:  # the worker prepared the drift map beside each run (core only)
+        assert list((Path(app_env["STRUCTGUARD_RUNS"]) / run_id / "views").glob("drift-*.npz"))
     assert [r.method for r in fake.requests] == ["neggrad", "structguard"]
     assert fake.requests[0].forget_ids == fake.requests[1].forget_ids
     assert at.title[0].value == "Runs"
@@ -453,20 +479,20 @@ def test_two_sessions_never_share_selection_or_jobs(app_env, monkeypatch) -> Non
     next(x for x in a.button if x.label == "Start unlearning").click().run()
     b.switch_page("pages/unlearn.py").run()
     assert not b.get("progress"), "session B must not see A's job"
-    from dashboard import state
+    from dashboard import jobs
 
     # A third session that copies A's URL token (?s=...) while A is alive does not get A's job ...
-    monkeypatch.setattr(state, "_session_alive", lambda sid: True)
+    monkeypatch.setattr(jobs, "session_alive", lambda sid: True)
     c = AppTest.from_file(APP, default_timeout=TIMEOUT)
     c.query_params["s"] = a.session_state.token
     c.run()
     c.switch_page("pages/unlearn.py").run()
     assert c.session_state.token == a.session_state.token and not c.get("progress")
     # ... but after a reload (A's session is gone) the same token re-attaches to the running job.
-    monkeypatch.setattr(state, "_session_alive", lambda sid: False)
+    monkeypatch.setattr(jobs, "session_alive", lambda sid: False)
     c.run()
     assert c.get("progress") and any("reloaded" in i.value for i in c.info)
-    job = state._job_registry()[a.session_state.token]
+    job = jobs.registry()[a.session_state.token]
     job.cancel_event.set()
     job.thread.join(10)
     assert job.status == "cancelled"

@@ -12,14 +12,15 @@ import streamlit as st
 from core.anchors import AnchorError, build_anchor_set, load_anchor_texts, validate_anchor_texts
 from core.audit.affinity import anchor_similarity
 from core.figures import anchor_similarity_heatmap
-from dashboard import state
+from dashboard import resources as R
+from dashboard import session as S
 
 st.title("Anchors")
 st.caption("Each class's visual attributes are joined into one description (\"a1; a2; ...\") and encoded into a "
            "text embedding: the class's semantic anchor. StructGuard keeps the proxy samples' affinities to these "
            "anchors as they were before unlearning.")
 
-ds = state.get_dataset()
+ds = R.get_dataset()
 classes = ds.class_names
 
 
@@ -34,8 +35,8 @@ except AnchorError as exc:
     st.error(f"The default anchors could not be loaded: {exc}")
     defaults = {c: [c] for c in classes}
 
-texts = state.anchor_texts(defaults)
-rev = state.anchor_rev()
+texts = S.anchor_texts(defaults)
+rev = S.anchor_rev()
 
 
 def _edit(cls: str, key: str) -> None:
@@ -45,13 +46,13 @@ def _edit(cls: str, key: str) -> None:
 
 
 # ---------------------------------------------------------------- encoder
-choices = dict(state.encoder_choices())
-choices.setdefault(state.encoder_choice(), "available: chosen by STRUCTGUARD_ENCODER")
+choices = dict(R.encoder_choices())
+choices.setdefault(S.encoder_choice(), "available: chosen by STRUCTGUARD_ENCODER")
 names = list(choices)
-state.widget_defaults(anc_live=True)
+S.widget_defaults(anc_live=True)
 c1, c2, c3 = st.columns([2, 1, 1])
-enc_name = c1.selectbox("Text encoder", names, index=names.index(state.encoder_choice())
-                        if state.encoder_choice() in names else 0,
+enc_name = c1.selectbox("Text encoder", names, index=names.index(S.encoder_choice())
+                        if S.encoder_choice() in names else 0,
                         format_func=lambda n: f"{n} — {choices[n].split(':')[0]}", key=f"anc_enc_{rev}",
                         help="\n\n".join(f"**{n}**: {d}" for n, d in choices.items()))
 st.session_state.encoder = enc_name
@@ -74,7 +75,7 @@ with left:
                          height=150, on_change=_edit, args=(cls, key))
     b1, b2, b3 = st.columns(3)
     if b1.button("Restore defaults", icon=":material/restart_alt:", disabled=texts == defaults):
-        state.set_anchor_texts(defaults)
+        S.set_anchor_texts(defaults)
         st.session_state.anchors_edited = False
         st.rerun()
     b2.download_button("Export JSON", json.dumps({"dataset": ds.name, "classes": texts}, indent=2, ensure_ascii=False),
@@ -93,7 +94,7 @@ with left:
                 except (AnchorError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                     st.error(f"{up.name} does not fit {ds.name}: {exc}")
                 else:
-                    state.set_anchor_texts(loaded)
+                    S.set_anchor_texts(loaded)
                     st.session_state.anchors_edited = loaded != defaults
                     st.rerun()
 
@@ -106,7 +107,7 @@ with right:
         try:
             validate_anchor_texts(texts, classes)
             with st.spinner(f"Encoding with {enc_name} ..."):
-                anchor_set = build_anchor_set(texts, classes, state.get_encoder(enc_name), ds.name)
+                anchor_set = build_anchor_set(texts, classes, R.get_encoder(enc_name), ds.name)
             st.session_state.anchor_set, st.session_state.anchor_set_key = anchor_set, wanted
         except Exception as exc:  # AnchorError (bad text) or EncoderError (missing weights)
             problem = str(exc)

@@ -1,44 +1,48 @@
-"""Audit: metrics before/after, per-class accuracy, drift + timeline, affinity, Grad-CAM, MIA, downloads."""
+"""Audit: metrics before/after, per-class accuracy, drift + timeline, affinity, Grad-CAM, MIA, downloads.
+
+The numbers and arrays come from core.audit.views (the same views as the HTML report); this page only draws.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import streamlit as st
 
 from core import figures as F
 from core import runs as core_runs
-from core.audit import affinity as aff
-from core.audit.mia import MIA_DEFINITION, mia_before_after
-from dashboard import state
+from core.audit import views
+from core.audit.gradcam import overlay
+from core.audit.mia import MIA_DEFINITION
+from dashboard import resources as R
+from dashboard import session as S
 
 st.title("Audit")
-root = state.runs_root()
+root = core_runs.runs_root()
 complete = [r for r in core_runs.list_runs(root) if r.ok]
 if not complete:
     st.info("No complete run yet. Start one on the Unlearn page.")
     st.stop()
 
 ids = [r.run_id for r in complete]
-cur = state.current_run()
+cur = S.current_run()
 idx = ids.index(cur.name) if cur is not None and cur.name in ids else 0
 choice = st.selectbox("Run", ids, index=idx, key=f"audit_run_{cur.name if cur else ''}",
                       help="★ in the caption marks runs made in this session.")
 run_dir = root / choice
-state.set_current_run(run_dir)
-rec = state.load_run(run_dir)
+S.set_current_run(run_dir)
+rec = R.load_run(run_dir)
 meta, audit = rec.meta, rec.audit
 for m in rec.missing:
     st.warning(f"This run is incomplete: {m}")
-classes = list((meta.get("anchors") or {}).get("class_names") or (meta.get("dataset") or {}).get("classes") or [])
+classes = R.class_names(meta)
 labels, groups = audit.get("labels"), audit.get("group")
 groups = groups.astype(str) if groups is not None else None
 
 # ---------------------------------------------------------------- header + metrics
 cfg = meta.get("config", {})
 k = meta.get("k", len(meta.get("forget_ids", [])))
-star = "★ " if choice in state.my_runs() else ""
+star = "★ " if choice in S.my_runs() else ""
 parts = [f"{star}**{meta.get('method')}**", f"k={k}", f"seed {meta.get('seed')}",
          f"stopped: {meta.get('stop_reason')} after {meta.get('steps')} steps",
          f"encoder `{(meta.get('anchors') or {}).get('encoder')}`", str(meta.get("device")),
@@ -49,24 +53,28 @@ if meta.get("method") == "structguard":
     parts.append(f"ablations SA={cfg.get('sa')} SR={cfg.get('sr')} CR={cfg.get('cr')}")
 st.caption(" · ".join(parts))
 before, after = meta["metrics"]["before"], meta["metrics"]["after"]
-cols = st.columns(4)
-for col, (key, label, good) in zip(cols, [("forget_acc", "Forget accuracy", "inverse"),
-                                          ("retain_acc", f"Retain accuracy ({after.get('retain_set')})", "normal"),
-                                          ("test_acc", "Test accuracy", "normal"),
-                                          ("dim_alignment", "Dimensional alignment", "off")]):
-    b, a = before.get(key), after.get(key)
-    if a is None:
+acc = {r["key"]: r for r in views.accuracy_rows(meta)}
+cards = [("forget_acc", "Forget accuracy", "inverse"), ("retain_acc", f"Retain accuracy ({after.get('retain_set')})",
+                                                        "normal"),
+         ("test_acc", "Test accuracy", "normal"), ("dim_alignment", "Dimensional alignment", "off")]
+for col, (key, label, color) in zip(st.columns(4), cards, strict=True):
+    row = acc[key]
+    if row["after"] is None:
         continue
     unit = "%" if key.endswith("acc") else ""
-    col.metric(label, f"{a:.2f}{unit}", None if b is None else f"{a - b:+.2f}{unit} (before {b:.2f})",
-               delta_color=good)
+    col.metric(label, f"{row['after']:.2f}{unit}",
+               None if row["delta"] is None else f"{row['delta']:+.2f}{unit} (before {row['before']:.2f})",
+               delta_color=color)
 reference = meta["metrics"].get("retrain")
 if reference:
     cols = st.columns(4)
     for col, key, label in zip(cols, ("forget_acc", "retain_acc", "test_acc"),
-                               ("Forget accuracy", "Retain accuracy", "Test accuracy")):
-        col.metric(f"Retrained: {label.lower()}", f"{reference[key]:.2f}%",
-                   f"{after[key] - reference[key]:+.2f} (unlearned − retrained)", delta_color="off",
+                               ("Forget accuracy", "Retain accuracy", "Test accuracy"), strict=False):
+        row = acc[key]
+        if row["retrain"] is None:
+            continue
+        col.metric(f"Retrained: {label.lower()}", f"{row['retrain']:.2f}%",
+                   None if row["gap"] is None else f"{row['gap']:+.2f} (unlearned − retrained)", delta_color="off",
                    help="The base model's recipe trained from scratch without the forget set: the reference.")
     cols[3].metric("Tug-of-War vs retrain", f"{reference['tug_of_war']:.3f}",
                    help="Product over A_f, A_r, A_test of (1 - |unlearned - retrained| / 100); 1 = the retrained "
@@ -77,7 +85,7 @@ else:
 structure = after.get("structure") or {}
 if structure:
     cols = st.columns(len(structure))
-    for col, (k, v) in zip(cols, structure.items()):
+    for col, (k, v) in zip(cols, structure.items(), strict=True):
         col.metric(f"Structure: {k.replace('_', ' ')}", f"{v:.3f}", help="1 = unchanged by unlearning")
 
 c1, c2, c3 = st.columns(3)
@@ -87,7 +95,7 @@ c1, c2, c3 = st.columns(3)
 def _report(path: str, mtime: float) -> bytes:
     from core.report import build_report
 
-    res = build_report(path, drift_method=os.environ.get("STRUCTGUARD_DRIFT_METHOD", "auto"))
+    res = build_report(path, drift_method=views.drift_method())
     return Path(res.path).read_bytes()
 
 
@@ -105,7 +113,7 @@ c3.download_button("Download run record (run.json)", (run_dir / "run.json").read
 
 # ---------------------------------------------------------------- sections (only the chosen one is computed)
 SECTIONS = ["Accuracy", "Drift", "Affinity", "Grad-CAM", "Membership inference", "Record"]
-state.widget_defaults(audit_section="Accuracy")
+S.widget_defaults(audit_section="Accuracy")
 section = st.segmented_control("Section", SECTIONS, key="audit_section", required=True,
                                label_visibility="collapsed")
 
@@ -118,48 +126,57 @@ elif section == "Drift":
     if labels is None or "feats_before" not in audit:
         st.warning("This run has no audit features; drift cannot be drawn.")
     else:
-        drift, frames = state.drift(str(run_dir), mtime)
+        view = R.drift_view(run_dir)
+        drift = view.result
         s = drift.summary()
-        st.caption(f"{drift.method.upper()} map fitted on the original features"
+        st.caption(f"{drift.method.upper()} map fitted on the original model's prediction-path features"
                    + (f" ({drift.note})" if drift.note else "") + f". Median displacement (class radii): forget "
                    f"{s['forget']['median']:.2f}, retain {s['retain']['median']:.2f}, test {s['test']['median']:.2f}.")
         st.plotly_chart(F.drift_scatter(drift.before, drift.after, labels, groups, classes, method=drift.method),
                         key="au_drift")
         st.plotly_chart(F.drift_class_bars(drift.per_class, classes, forget_median=s["forget"]["median"]),
                         key="au_drift_bars")
-        if frames is not None:
-            steps = [int(x) for x in audit["snapshot_steps"]]
-            hist = {int(h["step"]): h.get("forget_acc") for h in meta.get("history") or []}
-            notes = [f"forget accuracy {hist[x]:.0f}%" if isinstance(hist.get(x), (int, float)) else "" for x in steps]
-            st.plotly_chart(F.drift_timeline(frames, steps, labels, groups, classes,
-                                             before_xy=None if steps[0] == 0 else drift.before, frame_notes=notes),
+        if view.frames is not None:
+            st.plotly_chart(F.drift_timeline(view.frames, view.steps, labels, groups, classes,
+                                             before_xy=view.before_xy, frame_notes=view.frame_notes),
                             key="au_timeline")
         else:
             st.caption("This run stored no feature snapshots, so there is no timeline.")
 
 elif section == "Affinity":
-    if "affinity_before" not in audit:
-        st.warning("This run has no affinity arrays.")
+    try:
+        view = R.affinity_view(run_dir)
+    except KeyError:
+        st.warning("This run has no affinity arrays (nor the features and anchors to recompute them).")
     else:
-        s_ori, s_unl = audit["affinity_before"], audit["affinity_after"]
-        st.plotly_chart(F.anchor_similarity_heatmap(aff.anchor_similarity(audit["anchors"]), classes), key="au_anc")
-        st.plotly_chart(F.affinity_heatmaps(s_ori, s_unl, labels, groups, classes), key="au_aff")
-        n = len(classes)
-        st.plotly_chart(F.class_mean_heatmaps(aff.class_mean_affinity(s_ori, labels, n),
-                                              aff.class_mean_affinity(s_unl, labels, n), classes), key="au_cm")
-        st.plotly_chart(F.row_cosine_histogram(aff.row_cosine(s_ori, s_unl), groups), key="au_rowcos")
+        if view.recomputed:
+            st.caption("This run stored no affinities; they are recomputed from its features and anchors.")
+        st.plotly_chart(F.anchor_similarity_heatmap(view.anchor_similarity, classes), key="au_anc")
+        st.plotly_chart(F.affinity_heatmaps(view.s_ori, view.s_unl, labels, groups, classes), key="au_aff")
+        st.plotly_chart(F.class_mean_heatmaps(view.class_mean_before, view.class_mean_after, classes), key="au_cm")
+        st.caption("Class means use the retained and test samples only: the forget rows are meant to move.")
+        st.plotly_chart(F.row_cosine_histogram(view.row_cosine, groups), key="au_rowcos")
 
 elif section == "Grad-CAM":
     n = st.slider("Forget images shown", 1, 8, 4, key="au_gc_n")
     try:
-        gallery = state.gradcam(str(run_dir), mtime, int(n))
-    except Exception as exc:  # missing parent run, changed base model, ...
+        view = R.gradcam_view(run_dir, int(n))
+    except Exception as exc:  # missing parent run, unreadable model or dataset, ...
         st.error(f"Grad-CAM unavailable: {exc}")
     else:
-        st.plotly_chart(gallery, key="au_gradcam")
+        for note in view.notes:  # changed base weights (a warning), uploads not shown (a caption)
+            (st.warning if "weights" in note else st.caption)(f"Note: {note}.")
+        caps = [f"{'forget' if j < view.n_forget else 'kept'} #{int(i)}" for j, i in enumerate(view.ids)]
+        sub_b, sub_a = ([f"pred {classes[p] if p < len(classes) else p} · p={q:.2f}" for p, q in zip(pred, prob,
+                                                                                                     strict=True)]
+                        for pred, prob in ((view.pred_before, view.prob_before), (view.pred_after, view.prob_after)))
+        st.plotly_chart(F.gradcam_gallery(view.images, overlay(view.images, view.cams_before),
+                                          overlay(view.images, view.cams_after), caps, sub_before=sub_b,
+                                          sub_after=sub_a), key="au_gradcam")
+        st.caption(f"Maps for the true label; 'before' is the {view.before_source}.")
 
 elif section == "Membership inference":
-    res = mia_before_after(audit)
+    res = views.mia_view(audit)
     if not res:
         st.warning("This run lacks the confidence arrays the attack needs.")
     else:

@@ -9,33 +9,35 @@ import pandas as pd
 import streamlit as st
 
 from core.forget_ids import parse_forget_ids
-from dashboard import state, uploads
+from dashboard import resources as R
+from dashboard import session as S
+from dashboard import uploads
 
 PER_PAGE = 24
 COLS = 8
 
 st.title("Forget set")
-ds = state.get_dataset()
-model_name = state.default_model_name()
+ds = R.get_dataset()
+model_name = R.default_model_name()
 classes = ds.class_names
-sel = state.selection()
+sel = S.selection()
 ids_np = ds.train.ids.numpy()
 labels_np = ds.train.labels.numpy()
-state.widget_defaults(fs_class=0, fs_filter="all", fs_conf=(0.0, 1.0), fs_k=16, fs_seed=0, fs_mode="overall",
-                      fs_replace=True)
+S.widget_defaults(fs_class=0, fs_filter="all", fs_conf=(0.0, 1.0), fs_k=16, fs_seed=0, fs_mode="overall",
+                  fs_replace=True)
 
 st.caption(f"{len(ds.train):,} training images of {ds.name} ({ds.source_kind}). Click a thumbnail's button to "
            "select or deselect it; hover and use the expand icon to see it larger.")
 
 
 def _summary() -> None:
-    n_up = len(state.uploads())
+    n_up = len(S.uploads())
     counts = pd.Series(0, index=classes, dtype=int)
     if sel:
         pos = ds.train.positions(sorted(sel)).numpy()
         for lbl, n in zip(*np.unique(labels_np[pos], return_counts=True)):
             counts.iloc[int(lbl)] += int(n)
-    for up in state.uploads():
+    for up in S.uploads():
         counts.iloc[up.label] += 1
     st.metric("Selected", f"{len(sel) + n_up}", help="training images + uploaded images")
     st.dataframe(counts.rename("images").to_frame(), width="stretch", height=390)
@@ -45,9 +47,9 @@ left, right = st.columns([4, 1])
 with right:
     st.subheader("Selection")
     _summary()
-    if st.button("Clear selection", width="stretch", disabled=not (sel or state.uploads())):
-        state.set_selection([])
-        state.uploads().clear()
+    if st.button("Clear selection", width="stretch", disabled=not (sel or S.uploads())):
+        S.set_selection([])
+        S.uploads().clear()
         st.rerun()
 
 with left:
@@ -61,10 +63,10 @@ with left:
         lo, hi = c3.slider("Model confidence", 0.0, 1.0, step=0.05, key="fs_conf",
                            disabled=model_name is None,
                            help="Confidence of the model in its own prediction (softmax maximum).")
-        pos = state.class_positions(ds.name, int(label))
+        pos = R.class_positions(ds.name, int(label))
         conf = None
         if model_name is not None and (flt != "all" or (lo, hi) != (0.0, 1.0)):
-            pred, conf = state.train_predictions(model_name, ds.name, int(label))
+            pred, conf = R.train_predictions(model_name, ds.name, int(label))
             keep = (conf >= lo) & (conf <= hi)
             if flt == "correctly classified":
                 keep &= pred == label
@@ -90,8 +92,8 @@ with left:
             with grid[i % COLS]:
                 chosen = sid in sel
                 caption = f"#{sid}" + (f" · {conf[start + i]:.2f}" if conf is not None else "")
-                st.image(state.thumbnail(ds.name, int(p)), caption=caption, width=state.THUMB_PX)
-                st.button("✓ selected" if chosen else "select", key=f"tg_{sid}", on_click=state.toggle, args=(sid,),
+                st.image(R.thumbnail(ds.name, int(p)), caption=caption, width=R.THUMB_PX)
+                st.button("✓ selected" if chosen else "select", key=f"tg_{sid}", on_click=S.toggle, args=(sid,),
                           type="primary" if chosen else "secondary", width="stretch")
 
     with tab_random:
@@ -111,10 +113,10 @@ with left:
             else:
                 drawn = np.concatenate([
                     rng.choice(pos_c, size=min(int(k), len(pos_c)), replace=False)
-                    for pos_c in (state.class_positions(ds.name, c) for c in pool_labels)
+                    for pos_c in (R.class_positions(ds.name, c) for c in pool_labels)
                 ])
             new = {int(ids_np[p]) for p in drawn}
-            state.set_selection(new if replace else sel | new)
+            S.set_selection(new if replace else sel | new)
             st.success(f"Drew {len(new)} images.")
             st.rerun()
 
@@ -131,22 +133,22 @@ with left:
         if st.button("Add uploaded images", disabled=not files):
             result = uploads.validate_uploads([(f.name, f.getvalue()) for f in files], classes, ds.input_shape,
                                               None if label_mode != "one class for all" else up_label)
-            state.uploads().extend(state.Upload(u.name, u.pixels, u.label) for u in result.accepted)
+            S.uploads().extend(S.Upload(u.name, u.pixels, u.label) for u in result.accepted)
             for err in result.errors:
-                state.flash("error", err)
+                S.flash("error", err)
             if result.accepted:
-                state.flash("success", f"Added {len(result.accepted)} image(s) to the forget set.")
+                S.flash("success", f"Added {len(result.accepted)} image(s) to the forget set.")
             st.session_state.fs_up_rev = st.session_state.get("fs_up_rev", 0) + 1  # empties the uploader
             st.rerun()
-        state.show_flash()
-        ups = state.uploads()
+        S.show_flash()
+        ups = S.uploads()
         if ups:
             st.markdown(f"**{len(ups)} uploaded image(s) in the forget set**")
             grid = st.columns(COLS)
             for i, up in enumerate(ups):
                 with grid[i % COLS]:
-                    st.image(state.upload_png(up.pixels), caption=f"{up.name[:14]} · {classes[up.label]}",
-                             width=state.THUMB_PX)
+                    st.image(R.upload_png(up.pixels), caption=f"{up.name[:14]} · {classes[up.label]}",
+                             width=R.THUMB_PX)
                     if st.button("remove", key=f"up_rm_{i}"):
                         ups.pop(i)
                         st.rerun()
@@ -155,7 +157,7 @@ with left:
         payload = {"dataset": ds.name, "split": "train", "ids": sorted(sel)}
         st.download_button("Download the selection (JSON id list)", json.dumps(payload, indent=1),
                            file_name="forget_set.json", mime="application/json", disabled=not sel)
-        if state.uploads():
+        if S.uploads():
             st.caption("Uploaded images are not part of the id list.")
         loaded = st.file_uploader("Load an id list (.json with an `ids` list, or .txt with one id per line)",
                                   type=["json", "txt"], key=f"fs_ids_{st.session_state.get('fs_ids_rev', 0)}")
@@ -166,7 +168,7 @@ with left:
             except Exception as exc:
                 st.error(f"Could not load {loaded.name}: {exc}")
             else:
-                state.set_selection(ids)
+                S.set_selection(ids)
                 st.session_state.fs_ids_rev = st.session_state.get("fs_ids_rev", 0) + 1
                 st.success(f"Loaded {len(ids)} ids.")
                 st.rerun()

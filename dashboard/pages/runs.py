@@ -6,12 +6,14 @@ import pandas as pd
 import streamlit as st
 
 from core import runs as core_runs
-from dashboard import state, widgets
+from dashboard import resources as R
+from dashboard import session as S
+from dashboard import widgets
 
 st.title("Runs")
-root = state.runs_root()
+root = core_runs.runs_root()
 infos = core_runs.list_runs(root)
-mine = set(state.my_runs())
+mine = set(S.my_runs())
 st.caption(f"Saved runs in `{root}`. Runs made in this session are marked ★. A run is written to a hidden "
            "folder and renamed when complete, so an interrupted run never shows up as complete.")
 if not infos:
@@ -44,7 +46,7 @@ for info in infos:
         "created": m.get("created"),
     })
 df = pd.DataFrame(rows)
-wanted = [i for i, r in enumerate(rows) if r["run"] in state.compare_runs()]
+wanted = [i for i, r in enumerate(rows) if r["run"] in S.compare_runs()]
 event = st.dataframe(
     df, hide_index=True, on_select="rerun", selection_mode="multi-row",
     key=f"runs_table_{st.session_state.get('runs_rev', 0)}",
@@ -64,13 +66,13 @@ ok = [p for p in picked if p.ok]
 c1, c2, c3 = st.columns(3)
 if len(picked) == 1 and ok:
     if c1.button("Open in Audit", icon=":material/fact_check:", type="primary"):
-        state.set_current_run(ok[0].path)
+        S.set_current_run(ok[0].path)
         st.switch_page("pages/audit.py")
     if c2.button("Continue from this run", icon=":material/redo:",
                  help="A sequential request: the next run starts from this run's unlearned model."):
         st.session_state.continue_from = str(ok[0].path)
         already = set((ok[0].meta or {}).get("all_forget_ids", (ok[0].meta or {}).get("forget_ids", [])))
-        state.set_selection(state.selection() - already)
+        S.set_selection(S.selection() - already)
         st.switch_page("pages/unlearn.py")
 with c3.popover(f"Delete {len(picked)} run(s)", icon=":material/delete:", disabled=widgets.busy()):
     st.write("This removes the run folders from disk: " + ", ".join(f"`{p.run_id}`" for p in picked))
@@ -81,9 +83,9 @@ with c3.popover(f"Delete {len(picked)} run(s)", icon=":material/delete:", disabl
                 core_runs.delete_run(p.path, root)
             except (core_runs.RunError, OSError) as exc:
                 errors.append(f"{p.run_id}: {exc}")
-        if state.current_run() in {p.path for p in picked}:
-            state.set_current_run(None)
-        state.request_compare([])
+        if S.current_run() in {p.path for p in picked}:
+            S.set_current_run(None)
+        S.request_compare([])
         for e in errors:
             st.error(e)
         if not errors:
@@ -95,7 +97,7 @@ if len(picked) == 1:
     if len(chain) > 1:
         st.subheader("Lineage")
         dot = ["digraph { rankdir=LR; node [shape=box, style=rounded, fontsize=10];"]
-        for a, b in zip(chain, chain[1:]):
+        for a, b in zip(chain, chain[1:], strict=False):
             dot.append(f'"{a.get("run_id")}" -> "{b.get("run_id")}";')
         dot.append("}")
         st.graphviz_chart("\n".join(dot))
@@ -109,7 +111,7 @@ if len(picked) == 1:
 # ---------------------------------------------------------------- comparison
 if len(ok) >= 2:
     st.subheader(f"Comparison of {len(ok)} runs")
-    records = {p.run_id: state.load_run(p.path) for p in ok}
+    records = {p.run_id: R.load_run(p.path) for p in ok}
     table = {}
     for rid, rec in records.items():
         b, a = rec.meta["metrics"]["before"], rec.meta["metrics"]["after"]

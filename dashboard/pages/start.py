@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state, widgets
+from dashboard import resources as R
+from dashboard import session as S
+from dashboard import widgets
 
 st.title("StructGuard Studio")
 st.caption("Structure-faithful instance unlearning for image classifiers: forget a few training images, "
            "keep the shape of everything else the model knows.")
 
-model_name = state.default_model_name()
+model_name = R.default_model_name()
 cols = st.columns(4)
 
 with cols[0].container(border=True):
@@ -21,7 +23,7 @@ with cols[0].container(border=True):
         card = None
     else:
         try:
-            card = state.get_model(model_name).card
+            card = R.get_model(model_name).card
         except Exception as exc:  # ModelError: damaged or mismatched weights
             st.error(f"Could not load model `{model_name}`: {exc}")
             card = None
@@ -34,7 +36,7 @@ with cols[0].container(border=True):
 with cols[1].container(border=True):
     st.markdown("**Dataset**")
     try:
-        ds = state.get_dataset()
+        ds = R.get_dataset()
     except Exception as exc:  # DataError lists every source tried
         st.error(str(exc))
         ds = None
@@ -46,8 +48,8 @@ with cols[1].container(border=True):
 with cols[2].container(border=True):
     st.markdown("**Text encoder (anchors)**")
     try:
-        choices = state.encoder_choices()
-        chosen = state.encoder_choice()
+        choices = R.encoder_choices()
+        chosen = S.encoder_choice()
         st.markdown(f"Chosen: `{chosen}`" + (f" → {choices[chosen].split(': ', 1)[-1]}" if chosen == "auto" else ""))
         for name, line in choices.items():
             if name == "auto":
@@ -62,7 +64,7 @@ with cols[2].container(border=True):
 
 with cols[3].container(border=True):
     st.markdown("**Device**")
-    st.markdown(f"`{state.device_name()}`")
+    st.markdown(f"`{R.device_name()}`")
     st.caption("CUDA when present, else CPU.")
 
 if card:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import streamlit as st
 
 from core.methods import METHODS, default_config, tuned_k
-from dashboard import state, widgets
+from core.runs import runs_root
+from dashboard import resources as R
+from dashboard import session as S
+from dashboard import widgets
 
 # (field, label, help) for the main hyperparameters; defaults come from core.methods.default_config.
 FIELDS: list[tuple[str, str, str]] = [
@@ -27,15 +30,15 @@ ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affi
              ("cr", "CR: classifier regulariser", "L1 + L2 penalty on the final linear layer.")]
 
 st.title("Unlearn")
-ds = state.get_dataset()
-model_name = state.default_model_name()
-sel, ups = state.selection(), state.uploads()
+ds = R.get_dataset()
+model_name = R.default_model_name()
+sel, ups = S.selection(), S.uploads()
 parent = st.session_state.get("continue_from")
 
 with st.container(border=True):
     c1, c2, c3 = st.columns(3)
     c1.metric("Forget set", f"{len(sel) + len(ups)} images", help="Chosen on the Forget set page.")
-    c2.markdown(f"**Anchors**  \nencoder `{state.encoder_choice()}`, "
+    c2.markdown(f"**Anchors**  \nencoder `{S.encoder_choice()}`, "
                 f"{'edited' if st.session_state.get('anchors_edited') else 'default'} texts")
     if parent:
         c3.markdown(f"**Continue from run**  \n`{parent}`")
@@ -46,7 +49,7 @@ with st.container(border=True):
         c3.markdown(f"**Model**  \n`{model_name}` (original)")
 
 names = list(METHODS)
-state.widget_defaults(un_method="structguard" if "structguard" in names else names[0], un_seed=0,
+S.widget_defaults(un_method="structguard" if "structguard" in names else names[0], un_seed=0,
                       un_sa=True, un_sr=True, un_cr=True)
 method = st.segmented_control("Method", names, key="un_method", required=True,
                               format_func=lambda m: {"neggrad": "NegGrad", "adv": "Adv", "l2ul": "L2UL",
@@ -54,7 +57,7 @@ method = st.segmented_control("Method", names, key="un_method", required=True,
 st.caption(METHODS[method].summary)
 
 k = len(sel) + len(ups)
-state.widget_defaults(un_schedule="ours")
+S.widget_defaults(un_schedule="ours")
 schedule = st.segmented_control(
     "Schedule", ["ours", "paper"], key="un_schedule", required=True,
     format_func=lambda s: {"ours": "Engine v2 (default)", "paper": "Authors' loop"}[s],
@@ -66,11 +69,11 @@ bucket = tuned_k(method, ds.name, k or None)
 keys = {f: f"un_{method}_{schedule}_k{bucket}_{f}" for f, _, _ in FIELDS}  # one set per tuned forget size
 which = "the authors' loop" if schedule == "paper" else "engine v2"
 st.caption(f"Defaults: {which}" + (f", tuned for forget sets of about {bucket} images." if bucket else "."))
-state.widget_defaults(**{keys[f]: getattr(defaults, f) for f, _, _ in FIELDS})
+S.widget_defaults(**{keys[f]: getattr(defaults, f) for f, _, _ in FIELDS})
 
 if method == "structguard":
     cols = st.columns(3)
-    for col, (k, label, help_) in zip(cols, ABLATIONS):
+    for col, (k, label, help_) in zip(cols, ABLATIONS, strict=True):
         col.toggle(label, key=f"un_{k}", help=help_)
 
 shown = [f for f in FIELDS if not (f[0] == "projector_lr" and not METHODS[method].uses_projector)
@@ -94,7 +97,7 @@ with st.expander("Hyperparameters", expanded=not widgets.busy()):
             st.session_state[keys[f]] = getattr(defaults, f)
         st.rerun()
 
-state.widget_defaults(un_retain_eval=5000, un_audit_per_class=20)
+S.widget_defaults(un_retain_eval=5000, un_audit_per_class=20)
 with st.expander("Evaluation", expanded=False):
     e1, e2 = st.columns(2)
     e1.number_input("Retain-accuracy sample", min_value=0, step=500, key="un_retain_eval",
@@ -108,7 +111,6 @@ overrides = {f: st.session_state[keys[f]] for f, _, _ in shown} | {"schedule": s
 if method == "structguard":
     overrides.update({k: st.session_state[f"un_{k}"] for k, _, _ in ABLATIONS})
 
-job = state.current_job()
 running = widgets.busy()
 problems = []
 if model_name is None and not parent:
@@ -122,7 +124,7 @@ if st.button("Start unlearning", type="primary", icon=":material/play_arrow:", d
     try:
         req = widgets.make_request(
             model=None if parent else model_name, parent_run=parent, dataset=ds.name, forget_ids=sorted(sel),
-            method=method, config=overrides, seed=int(st.session_state.un_seed), runs_root=str(state.runs_root()),
+            method=method, config=overrides, seed=int(st.session_state.un_seed), runs_root=str(runs_root()),
             retain_eval=int(st.session_state.un_retain_eval), audit_per_class=int(st.session_state.un_audit_per_class),
             uploads=[(u.pixels, u.label) for u in ups] or None, **widgets.anchor_fields())
     except (ValueError, TypeError) as exc:
