@@ -268,3 +268,42 @@ def test_report_escapes_what_the_run_record_says(neggrad_run, tmp_path):
     html = build_report(run, tmp_path / "r.html", drift_method="pca", gradcam=False).path.read_text()
     assert evil not in html
     assert html.count("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;") >= 3  # anchors table, warning, provenance
+
+
+def test_views_are_cached_beside_the_run_and_follow_its_audit_file(neggrad_run, tmp_path):
+    from core.audit.views import drift_view
+    from core.runs import load_run
+
+    run = _copy(neggrad_run, tmp_path)
+    rec = load_run(run)
+    first = drift_view(run, rec.audit, rec.meta, method="pca")
+    cache = run / "views" / "drift-prediction-pca.npz"
+    assert cache.is_file()
+    stamp = np.load(cache)["stamp"].item()
+    again = drift_view(run, rec.audit, rec.meta, method="pca")
+    np.testing.assert_array_equal(first.result.after, again.result.after)
+    assert first.frames is not None and first.frames.shape[0] == len(first.steps) >= 2
+    # a replaced audit file (same run folder) is never drawn from the old cache
+    _rewrite_audit(run, lambda a: {**a, "feats_after": a["feats_before"]})
+    rec = load_run(run)
+    moved = drift_view(run, rec.audit, rec.meta, method="pca")
+    assert np.load(cache)["stamp"].item() != stamp
+    np.testing.assert_allclose(moved.result.after, moved.result.before, atol=1e-5)
+
+
+def test_views_of_an_unwritable_run_are_computed_not_cached(neggrad_run, tmp_path):
+    """A run folder that cannot take the cache (read-only, full, or as here: views/ is a file) still draws."""
+    import warnings
+
+    from core.audit.views import drift_view
+    from core.runs import load_run
+
+    run = _copy(neggrad_run, tmp_path)
+    rec = load_run(run)
+    (run / "views").write_text("not a folder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        view = drift_view(run, rec.audit, rec.meta, method="pca")
+    assert view.result.after.shape == (len(rec.audit["labels"]), 2)
+    assert (run / "views").read_text() == "not a folder"
+    assert any("not cached" in str(w.message) for w in caught)
