@@ -387,6 +387,8 @@ def _gradcam_section(rep: _Report, run_dir: Path, meta: dict, audit: dict, class
     except Exception as exc:  # a missing model, parent run or dataset: say which
         rep.note_missing(f"Grad-CAM ({exc})")
         return
+    for warning in view.warnings:
+        rep.block("note", f"Warning: {warning}.")
     for note in view.notes:
         rep.block("note", note[:1].upper() + note[1:] + ".")
     if view.n_forget == 0:

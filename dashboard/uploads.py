@@ -7,7 +7,6 @@ raises for bad input.
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ MAX_FILES = 32
 MAX_BYTES = 2_000_000  # per image file
 MAX_PIXELS = 4_000_000  # width * height; above this PIL's header says "decompression bomb"
 SUFFIXES = {"png", "jpg", "jpeg", "bmp", "gif", "webp"}
-MAX_IDS = 100_000
 
 
 @dataclass
@@ -95,40 +93,3 @@ def validate_uploads(files: list[tuple[str, bytes]], classes: list[str], shape: 
             continue
         res.accepted.append(AcceptedImage(name, pixels, lbl))
     return res
-
-
-def parse_id_list(data: bytes, dataset: str | None = None) -> list[int]:
-    """A forget-set file: JSON {"ids": [...]} (or a bare list), or text with one id per line."""
-    if len(data) > 5_000_000:
-        raise ValueError("the file is too large for an id list")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError("not a text file") from exc
-    stripped = text.strip()
-    if stripped.startswith(("{", "[")):
-        try:
-            obj = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc})") from exc
-        if isinstance(obj, dict):
-            if dataset and obj.get("dataset") not in (None, dataset):
-                raise ValueError(f"the list is for dataset {obj.get('dataset')!r}, not {dataset!r}")
-            obj = obj.get("ids", obj.get("forget_ids"))
-        if not isinstance(obj, list):
-            raise ValueError("expected a list of ids under the key 'ids'")
-        raw = obj
-    else:
-        raw = [line.split("#", 1)[0].strip() for line in stripped.splitlines()]
-        raw = [r for r in raw if r]
-    ids: list[int] = []
-    for v in raw:
-        ok_int = isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        if not (ok_int or (isinstance(v, str) and v.strip().isdigit())):
-            raise ValueError(f"{v!r} is not a non-negative integer id")
-        ids.append(int(v))
-    if not ids:
-        raise ValueError("the list is empty")
-    if len(ids) > MAX_IDS:
-        raise ValueError(f"{len(ids)} ids is more than {MAX_IDS}")
-    return sorted(set(ids))

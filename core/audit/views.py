@@ -29,7 +29,7 @@ from .mia import MIAResult, mia_before_after
 __all__ = ["ACCURACY_ROWS", "AffinityView", "DriftView", "GradCamView", "accuracy_rows", "affinity_view",
            "drift_method", "drift_view", "gradcam_view", "mia_view"]
 
-VIEW_VERSION = 1  # bump when a view's computation changes: older caches are then ignored
+VIEW_VERSION = 2  # bump when a view's computation changes: older caches are then ignored
 ACCURACY_ROWS = (("forget_acc", "Forget accuracy A_f (%)", "down"), ("retain_acc", "Retain accuracy A_r (%)", "up"),
                  ("test_acc", "Test accuracy A_test (%)", "up"),
                  ("dim_alignment", "Dimensional alignment of forget features", "down"))
@@ -194,7 +194,8 @@ class GradCamView:
     ids: np.ndarray
     labels: np.ndarray
     before_source: str                # "model NAME" or "parent run ID"
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # worth knowing (uploads are not shown)
+    warnings: list[str] = field(default_factory=list)   # the picture may mislead (the base weights changed)
 
     def evidence_kept(self) -> dict[str, float | None]:
         """Sum of the maps after / before, for forget and retained images (None when nothing before)."""
@@ -256,7 +257,7 @@ def gradcam_view(run_dir: str | Path, audit: dict[str, np.ndarray], meta: dict, 
     path = run_dir / "views" / f"gradcam-{n_forget}.npz"
     cached = _read_cache(path, stamp)
     if cached is None:
-        before, source, model_notes = _before_model(run_dir, meta)
+        before, source, model_warnings = _before_model(run_dir, meta)
         ds = cached_dataset((meta.get("dataset") or {}).get("name") or "fashion-mnist",
                             (meta.get("request") or {}).get("data_dir"))
         split = {"forget": ds.train, "retain": ds.train, "test": ds.test}
@@ -267,11 +268,12 @@ def gradcam_view(run_dir: str | Path, audit: dict[str, np.ndarray], meta: dict, 
                                        labels[rows], device=dev)
         cached = {"stamp": np.array(stamp), "images": images.numpy(), "cams_before": cb.cams, "cams_after": ca.cams,
                   "pred_before": cb.pred, "pred_after": ca.pred, "prob_before": cb.prob_target,
-                  "prob_after": ca.prob_target, "source": np.array(source), "notes": np.array(model_notes, dtype=str)}
+                  "prob_after": ca.prob_target, "source": np.array(source),
+                  "warnings": np.array(model_warnings, dtype=str)}
         _write_cache(path, cached)
     return GradCamView(np.array(rows), len(f_rows), cached["images"], cached["cams_before"], cached["cams_after"],
                        cached["pred_before"], cached["pred_after"], cached["prob_before"], cached["prob_after"],
-                       ids[rows], labels[rows], str(cached["source"]), notes + [str(n) for n in cached["notes"]])
+                       ids[rows], labels[rows], str(cached["source"]), notes, [str(n) for n in cached["warnings"]])
 
 
 # ----------------------------------------------------------------------------------- metrics and MIA

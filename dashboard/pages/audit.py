@@ -164,8 +164,10 @@ elif section == "Grad-CAM":
     except Exception as exc:  # missing parent run, unreadable model or dataset, ...
         st.error(f"Grad-CAM unavailable: {exc}")
     else:
-        for note in view.notes:  # changed base weights (a warning), uploads not shown (a caption)
-            (st.warning if "weights" in note else st.caption)(f"Note: {note}.")
+        for warning in view.warnings:
+            st.warning(f"Warning: {warning}.")
+        for note in view.notes:
+            st.caption(f"Note: {note}.")
         caps = [f"{'forget' if j < view.n_forget else 'kept'} #{int(i)}" for j, i in enumerate(view.ids)]
         sub_b, sub_a = ([f"pred {classes[p] if p < len(classes) else p} · p={q:.2f}" for p, q in zip(pred, prob,
                                                                                                      strict=True)]
