@@ -8,6 +8,7 @@ to cancel it through the engine's own cancel path).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -496,3 +497,40 @@ def test_two_sessions_never_share_selection_or_jobs(app_env, monkeypatch) -> Non
     job.cancel_event.set()
     job.thread.join(10)
     assert job.status == "cancelled"
+
+
+def test_dashboard_and_report_draw_the_same_drift_map(app_env, saved_run, tmp_path) -> None:
+    """One view layer (core.audit.views): the Audit page and the HTML report place every point at the same
+    coordinates, on the prediction path. (The old dashboard fitted its own map on backbone features.)"""
+    import shutil
+
+    import plotly.io as pio
+
+    from core.audit.views import drift_view
+    from core.report import build_report
+    from core.runs import load_run
+
+    report = build_report(saved_run, tmp_path / "r.html", gradcam=False)
+    shutil.rmtree(saved_run / "views")  # the dashboard fits the map again instead of reading the report's cache
+    at = new_app()
+    at.session_state.current_run = saved_run
+    at.switch_page("pages/audit.py").run()
+    at.segmented_control(key="audit_section").set_value("Drift").run()
+    no_exceptions(at)
+    dash = pio.from_json(at.get("plotly_chart")[0].proto.spec)
+    drawn = report.figs["drift"]
+    assert len(dash.data) == len(drawn.data) > 0
+
+    def values(v) -> np.ndarray:  # plotly's JSON keeps arrays as {"dtype", "bdata": base64}
+        if isinstance(v, dict) and "bdata" in v:
+            return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).astype(float)
+        return np.asarray(v, dtype=float)
+
+    for a, b in zip(dash.data, drawn.data, strict=True):
+        np.testing.assert_array_equal(values(a.x), values(b.x))
+        np.testing.assert_array_equal(values(a.y), values(b.y))
+    # and the check can fail: StructGuard's backbone features land elsewhere in the same map
+    rec = load_run(saved_run)
+    backbone = drift_view(saved_run, rec.audit, rec.meta, space="backbone")
+    prediction = drift_view(saved_run, rec.audit, rec.meta)
+    assert not np.allclose(backbone.result.after, prediction.result.after)
