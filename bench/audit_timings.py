@@ -27,8 +27,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core import figures as F  # noqa: E402
-from core.audit import (anchor_similarity, class_mean_affinity, confidence_mia, embedding_drift,  # noqa: E402
-                        project_snapshots, row_cosine, sample_affinity, warm_up)
+from core.audit import (  # noqa: E402
+    anchor_similarity,
+    class_mean_affinity,
+    confidence_mia,
+    embedding_drift,
+    project_snapshots,
+    row_cosine,
+    sample_affinity,
+    warm_up,
+)
 from core.audit.gradcam import grad_cam_before_after, overlay  # noqa: E402
 from core.data import load_dataset  # noqa: E402
 from core.models import load_model  # noqa: E402
@@ -94,7 +102,7 @@ def main() -> int:
         box = {}
         med, times = median_of(lambda: box.__setitem__("v", fn()))
         results.append((name, med, times, note))
-        print(f"{name:55s} {med:7.3f} s  {['%.3f' % t for t in times]}", flush=True)
+        print(f"{name:55s} {med:7.3f} s  {[f'{t:.3f}' for t in times]}", flush=True)
         return box["v"]
 
     warm = [fresh_process_warmup() for _ in range(3)]

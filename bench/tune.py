@@ -62,7 +62,7 @@ def main() -> int:
         p.error("tuning seeds must be >= 100: seeds 0-2 are the benchmark's forget sets")
     grid = json.loads(args.grid)
     names = sorted(grid)
-    settings = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+    settings = [dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))]
 
     ds = cached_dataset("fashion-mnist", None)
     loaded = load_model("fmnist_resnet18_narrow")

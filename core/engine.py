@@ -6,9 +6,10 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -62,7 +63,7 @@ class UnlearnedModel(nn.Module):
     def feature_dim(self) -> int:
         return self.backbone.feature_dim
 
-    def train(self, mode: bool = True) -> "UnlearnedModel":
+    def train(self, mode: bool = True) -> UnlearnedModel:
         """Projectors of earlier runs (inside the backbone) stay in eval mode: their BatchNorm keeps
         its statistics and works on a forget batch of one image."""
         super().train(mode)

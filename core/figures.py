@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -204,7 +205,7 @@ def drift_timeline(frames_xy: np.ndarray, steps: Sequence[int], labels: np.ndarr
 
     fig = go.Figure(data=traces(frames_xy[0]) if len(frames_xy) else [])
     fig.frames = [go.Frame(data=traces(xy), name=nm, layout=go.Layout(title_text=_tl_title(title, nm, note)))
-                  for xy, nm, note in zip(frames_xy, names_f, notes)]
+                  for xy, nm, note in zip(frames_xy, names_f, notes, strict=True)]
     xr, yr = _range(frames_xy)
     fig.update_xaxes(range=xr, showticklabels=False, zeroline=False, autorange=False)
     fig.update_yaxes(range=yr, showticklabels=False, zeroline=False, autorange=False)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -63,7 +64,7 @@ class UnlearnConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UnlearnConfig":
+    def from_dict(cls, d: dict[str, Any]) -> UnlearnConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -376,12 +377,12 @@ class StructGuard(Method):
             imp = per_sample_abs_grad_mean(model, align_one, ctx.x_adv, s_ori, c.importance_chunk)
         else:  # the authors' form: |grad| of each batch's mean align loss, weighted by batch size
             imp = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
-            names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+            names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
             for i in range(0, len(ctx.x_adv), c.batch_size):
                 f = model.features(ctx.x_adv[i:i + c.batch_size])
                 loss = 1 - F.cosine_similarity(affinity(f, R, A), s_ori[i:i + c.batch_size], dim=1).mean()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for n, g in zip(names, grads):
+                for n, g in zip(names, grads, strict=True):
                     if g is not None:
                         imp[n] += g.abs() * len(f)
             imp = {k: v / len(ctx.x_adv) for k, v in imp.items()}

@@ -30,12 +30,27 @@ import torch.nn as nn
 from . import runs
 from .anchors import AnchorSet, build_anchor_set, load_anchor_texts, validate_anchor_texts
 from .audit.affinity import sample_affinity
-from .data import Dataset, DataError, load_dataset
-from .engine import (Callbacks, Outcome, UnlearnError, anchor_map, load_unlearned, run_unlearning, save_unlearned,
-                     term_shares)
+from .data import DataError, Dataset, load_dataset
+from .engine import (
+    Callbacks,
+    Outcome,
+    UnlearnError,
+    anchor_map,
+    load_unlearned,
+    run_unlearning,
+    save_unlearned,
+    term_shares,
+)
 from .methods import UnlearnConfig, default_config
-from .metrics import (Outputs, accuracy_from_probs, dimensional_alignment, outputs, per_class_accuracy,
-                      structure_scores, true_class_confidence)
+from .metrics import (
+    Outputs,
+    accuracy_from_probs,
+    dimensional_alignment,
+    outputs,
+    per_class_accuracy,
+    structure_scores,
+    true_class_confidence,
+)
 from .models import load_model, pick_device
 from .peak_memory import PeakMemory
 from .train import prepare_model, to_device_format

@@ -7,7 +7,7 @@ stand in for "knowledge to keep" (DESIGN.md section 5).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -93,7 +93,7 @@ def make_proxy_set(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             if on_chunk:
                 on_chunk(min(start + chunk, len(source)), len(source))
     finally:
-        for p, flag in zip(model.parameters(), grad_flags):
+        for p, flag in zip(model.parameters(), grad_flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
     x_adv = torch.cat(out) if out else x_forget[:0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Dataset, DataError
+from .data import DataError, Dataset
 from .models import LoadedModel, save_model
 from .train import TrainConfig, accuracy, train_classifier
 

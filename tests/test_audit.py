@@ -6,9 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from core.audit import (DriftReducer, anchor_similarity, calibrate_threshold, class_mean_affinity, confidence_mia,
-                        embedding_drift, mia_before_after, project_snapshots, row_cosine, row_cosine_summary,
-                        sample_affinity)
+from core.audit import (
+    DriftReducer,
+    anchor_similarity,
+    calibrate_threshold,
+    class_mean_affinity,
+    confidence_mia,
+    embedding_drift,
+    mia_before_after,
+    project_snapshots,
+    row_cosine,
+    row_cosine_summary,
+    sample_affinity,
+)
 from core.audit.mia import MIA_DEFINITION
 
 PER_CLASS = 25

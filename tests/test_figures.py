@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from core import figures as F
-from core.audit import (anchor_similarity, class_mean_affinity, confidence_mia, embedding_drift, row_cosine,
-                        sample_affinity)
+from core.audit import (
+    anchor_similarity,
+    class_mean_affinity,
+    confidence_mia,
+    embedding_drift,
+    row_cosine,
+    sample_affinity,
+)
 from core.figures import PALETTE, class_color
 
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

@@ -33,7 +33,8 @@ def _write_idx(root: Path, fashion, n_train: int, n_test: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
         part = getattr(fashion, split)
-        for stem, arr in zip(IDX_FILES[split], (part.pixels[:n, 0].numpy(), part.labels[:n].numpy().astype(np.uint8))):
+        arrays = (part.pixels[:n, 0].numpy(), part.labels[:n].numpy().astype(np.uint8))
+        for stem, arr in zip(IDX_FILES[split], arrays, strict=True):
             head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
             (root / stem).write_bytes(head + np.ascontiguousarray(arr).tobytes())
     return root

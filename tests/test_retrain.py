@@ -61,7 +61,7 @@ def test_retrain_leaves_the_forget_set_out_and_is_found(small_data, short_base, 
     other = dict(short_base.card, weights_sha256="0" * 64)
     assert find_retrained(other, forget, tmp_path / "refs") is None
     reloaded = load_model(found)
-    for a, b in zip(reloaded.model.state_dict().values(), model.state_dict().values()):
+    for a, b in zip(reloaded.model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b.cpu())
 
 

@@ -4,8 +4,14 @@ Nothing here imports streamlit; figures live in core.figures, the HTML report in
 Grad-CAM (torch + captum) is in core.audit.gradcam and is imported only when used.
 """
 
-from .affinity import (affinity_difference, anchor_similarity, class_mean_affinity, row_cosine, row_cosine_summary,
-                       sample_affinity)
+from .affinity import (
+                       affinity_difference,
+                       anchor_similarity,
+                       class_mean_affinity,
+                       row_cosine,
+                       row_cosine_summary,
+                       sample_affinity,
+)
 from .drift import DriftReducer, DriftResult, embedding_drift, project_snapshots, umap_available, warm_up
 from .mia import MIA_DEFINITION, MIAResult, calibrate_threshold, confidence_mia, mia_before_after
 

@@ -35,7 +35,7 @@ def _summary() -> None:
     counts = pd.Series(0, index=classes, dtype=int)
     if sel:
         pos = ds.train.positions(sorted(sel)).numpy()
-        for lbl, n in zip(*np.unique(labels_np[pos], return_counts=True)):
+        for lbl, n in zip(*np.unique(labels_np[pos], return_counts=True), strict=True):
             counts.iloc[int(lbl)] += int(n)
     for up in S.uploads():
         counts.iloc[up.label] += 1
