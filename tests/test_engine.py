@@ -3,10 +3,19 @@ weights, cancel and NaN guards, request validation, run records, lineage, the CL
 
 Everything runs on the shipped sample model and real Fashion-MNIST images with small settings
 (a few PGD steps, a few adversarial variants, a few epochs) so the file stays fast on a 2-core
-CPU. Nothing is mocked. In-process runs use the first 3,000 training and 1,000 test images of
-Fashion-MNIST, written as IDX files and loaded through the ordinary `data_dir` path (ids stay
-those of the full splits); the CLI test runs the real command on the full data set. Runs go to
-temporary folders.
+CPU. Nothing is mocked. In-process runs use 3,000 training and 1,000 test images of Fashion-MNIST:
+with the full data set (the Debian package, or $STRUCTGUARD_FASHION_DIR) its first 3,000 / 1,000
+images, written as IDX files and loaded through the ordinary `data_dir` path (ids equal positions);
+without it the bundled subset the loaders fall back to (ids index the full splits and skip numbers
+past position 2,749, so an id is not a row position). Tests go from ids to rows with
+`Split.positions()` only. The CLI tests run the real command on whatever data set it finds. Runs go
+to temporary folders.
+
+To run this file on the bundled subset on a machine that has the Debian package, hide the package
+in a private mount namespace (root, or unprivileged user namespaces):
+
+    unshare -rm sh -c 'mount -t tmpfs none /usr/share/datasets/fashion-mnist &&
+        HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_engine.py -q'
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from core.engine import (Callbacks, Projector, UnlearnedModel, UnlearnError, anc
                          run_unlearning, wrap)
 from core.methods import (METHODS, PAPER_SCHEDULE, Context, L2UL, StructGuard, UnlearnConfig, affinity,
                           default_config, deletion_loss, per_sample_abs_grad_mean)
-from core.metrics import affinity_matrix, dimensional_alignment, knn_overlap, linear_cka, row_cosine
+from core.audit.affinity import row_cosine, sample_affinity
+from core.metrics import dimensional_alignment, knn_overlap, linear_cka
 from core.pipeline import RunRequest, cached_dataset, execute_run
 from core.proxy import Cancelled, make_proxy_set, random_targets
 from core.train import prepare_model, to_device_format
@@ -63,9 +73,16 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    """The first N_TRAIN / N_TEST real Fashion-MNIST images as IDX files (so ids equal the full splits')."""
+def data_dir(tmp_path_factory) -> str | None:
+    """The `data_dir` of every in-process request.
+
+    Full data set available: the first N_TRAIN / N_TEST real images as IDX files (ids equal the full
+    splits'). Otherwise the loaders' own fallback, the bundled subset (exactly N_TRAIN / N_TEST images,
+    non-contiguous ids): None, so each request loads it as a user without the data set would.
+    """
     full = cached_dataset("fashion-mnist", None)
+    if full.source_kind == "bundled":
+        return None
     root = tmp_path_factory.mktemp("fmnist_small")
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         part = getattr(full, split)
@@ -81,7 +98,8 @@ def data_dir(tmp_path_factory) -> str:
 def ds(data_dir):
     """The dataset execute_run itself uses for these requests (the pipeline's cache: read once)."""
     ds = cached_dataset("fashion-mnist", data_dir)
-    assert (len(ds.train), len(ds.test)) == (N_TRAIN, N_TEST) and ds.source_kind == "path"
+    assert (len(ds.train), len(ds.test)) == (N_TRAIN, N_TEST)
+    assert ds.source_kind == ("bundled" if data_dir is None else "path")
     return ds
 
 
@@ -593,7 +611,7 @@ def test_audit_arrays_consistent(sg_run, forget, anchors, ds):
         assert a[key].shape == (m, C), key
     assert a["anchors"].shape == (C, anchors.matrix.shape[1]) and a["R"].shape == (d, anchors.matrix.shape[1])
     np.testing.assert_allclose(a["anchors"], anchors.matrix.numpy(), atol=1e-6)
-    np.testing.assert_allclose(a["affinity_after"], affinity_matrix(a["feats_after"], a["R"], a["anchors"]),
+    np.testing.assert_allclose(a["affinity_after"], sample_affinity(a["feats_after"], a["anchors"], a["R"]),
                                atol=1e-5)
     for key in ("conf_before", "conf_after", "pred_before", "pred_after"):
         assert a[key].shape == (m,), key
@@ -714,10 +732,74 @@ def test_sequential_request_continues_from_parent(sg_run, runs_dir, sample_model
         assert not set(z["ids"][z["group"] == "retain"].tolist()) & set(first_ids)
     # forgetting again what the lineage already forgot is refused, and nothing new is saved
     n_before = len(runs.list_runs(runs_dir))
+    fresh = next(i for i in reversed(ds.train.ids.tolist()) if i not in cmeta["all_forget_ids"])  # a real id
     with pytest.raises(UnlearnError, match="already forgotten"):
-        execute_run(_request([first_ids[0], 3], "neggrad", runs_dir, parent_run=str(child), data_dir=data_dir))
+        execute_run(_request([first_ids[0], fresh], "neggrad", runs_dir, parent_run=str(child), data_dir=data_dir))
     assert len(runs.list_runs(runs_dir)) == n_before
     assert not list(runs_dir.glob(".*.partial"))
+
+
+# ------------------------------------------------------------------ devices
+
+NO_CUDA = "no CUDA device here (torch.cuda.is_available() is False); run `pytest -m cuda` on a machine with a GPU"
+ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
+def test_short_structguard_run_on_a_device(device, sample_model, forget, anchors):
+    """The engine where the forget images are: model, proxy set, importance and outputs live on that device,
+    every recorded number is finite and the forget accuracy drops. The CPU case runs the same code, so the
+    assertions of the GPU case are exercised on every machine."""
+    dev = torch.device(device)
+    model = prepare_model(copy.deepcopy(sample_model.model), dev).eval()
+    _, x, y = forget
+    x, y = to_device_format(x, dev), y.to(dev)
+    # two steps per pass and no check in the first: SR importance is measured (after step 1) before any stop
+    cfg = _config("structguard", max_epochs=3, lr=0.005, projector_lr=0.005, batch_size=16, check_first_pass=False)
+    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)  # anchors stay on the CPU: the engine moves them
+    on_device = [*out.model.parameters(), *out.model.buffers(), *out.proxy, *out.extra["importance_weights"].values()]
+    assert on_device and all(t.device.type == dev.type for t in on_device)
+    assert all(p.device.type == dev.type for p in model.parameters())  # the input model stays where it was
+    with torch.no_grad():
+        logits, feats = out.model(x), out.model.features(x)
+    assert logits.device.type == dev.type and feats.device.type == dev.type
+    assert torch.isfinite(logits).all() and torch.isfinite(feats).all()
+    assert out.steps >= 2 and set(out.history[-1]["terms"]) == TERMS["structguard"]
+    for rec in out.history[1:]:
+        assert math.isfinite(rec["loss"]) and all(math.isfinite(v) for v in rec["terms"].values()), rec
+    assert math.isfinite(out.extra["importance"]["mean"]) and out.extra["importance"]["mean"] > 0
+    first, last = out.history[0]["forget_acc"], out.history[-1]["forget_acc"]
+    assert first > 50 and last < first, (first, last)
+    assert last == pytest.approx(float((logits.argmax(1) == y).float().mean() * 100))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cpu_and_cuda_forward_passes_agree(sample_model, forget, anchors):
+    """The same weights give the same features and logits on CPU and GPU, for the sample model and for an
+    unlearned model with its projector. Loose tolerance: cuDNN may use TF32 for convolutions."""
+    cuda = torch.device("cuda")
+    _, x, y = forget
+    cpu_model = prepare_model(copy.deepcopy(sample_model.model), CPU).eval()
+    cfg = _config("structguard", max_epochs=1, lr=0.02, projector_lr=0.02)
+    unlearned = run_unlearning(cpu_model, x, y, 10, cfg, anchors.matrix).model.eval()
+    assert unlearned.projector is not None
+    for net in (cpu_model, unlearned):
+        gpu_net = prepare_model(copy.deepcopy(net), cuda).eval()
+        with torch.no_grad():
+            want_f, want = net.features(x), net(x)
+            xg = to_device_format(x, cuda)
+            got_f, got = gpu_net.features(xg), gpu_net(xg)
+        assert got.device.type == "cuda" and got_f.device.type == "cuda"
+        assert _relative_error(got_f, want_f) < 1e-2 and _relative_error(got, want) < 1e-2
+        top2 = want.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.5  # rows whose prediction a rounding difference cannot flip
+        assert clear.any()
+        assert torch.equal(got.argmax(1).cpu()[clear], want.argmax(1)[clear])
 
 
 # ------------------------------------------------------------------ CLI
@@ -816,7 +898,7 @@ def test_row_cosine_and_affinity():
     A = rng.normal(size=(10, 384)).astype(np.float32)
     A /= np.linalg.norm(A, axis=1, keepdims=True)
     R = anchor_map(128, 384, seed=0)
-    torch.testing.assert_close(torch.from_numpy(affinity_matrix(f, R.numpy(), A)),
+    torch.testing.assert_close(torch.from_numpy(sample_affinity(f, A, R.numpy())),
                                affinity(torch.from_numpy(f), R, torch.from_numpy(A)), rtol=1e-5, atol=1e-5)
 
 
@@ -850,13 +932,14 @@ def test_cross_entropy_direction_of_neggrad_term(model, forget):
 def test_uploaded_images_join_the_forget_set(sample_model, tmp_path, data_dir, ds):
     """User images (uint8 CxHxW with a label) are forgotten with the chosen ids and recorded by hash."""
     img, label = ds.test.pixels[0].numpy(), int(ds.test.labels[0])
-    run = execute_run(_request(list(ds.train.ids[:2].tolist()), "neggrad", tmp_path, data_dir=data_dir,
-                               uploads=[(img, label)]))
+    chosen = ds.train.ids[-2:].tolist()  # the last ids: on the bundled subset they are not row positions
+    run = execute_run(_request(chosen, "neggrad", tmp_path, data_dir=data_dir, uploads=[(img, label)]))
     meta = json.loads((run / "run.json").read_text())
     with np.load(run / "audit.npz") as z:
-        ids, group = z["ids"], z["group"]
+        ids, group, z_labels = z["ids"], z["group"], z["labels"]
     assert meta["k"] == 3 and meta["uploads"][0]["label"] == label and len(meta["uploads"][0]["sha256"]) == 64
-    assert list(ids[:3]) == [*ds.train.ids[:2].tolist(), -1] and list(group[:3]) == ["forget"] * 3
+    assert list(ids[:3]) == [*chosen, -1] and list(group[:3]) == ["forget"] * 3
+    assert list(z_labels[:2]) == ds.train.labels[ds.train.positions(chosen)].tolist() and z_labels[2] == label
 
 
 def test_uploads_with_a_wrong_shape_or_label_are_refused(sample_model, tmp_path, data_dir, ds):
