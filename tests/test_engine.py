@@ -35,14 +35,32 @@ import torch.nn.functional as F
 
 from core import runs
 from core.anchors import AnchorError, build_anchor_set, load_anchor_texts
+from core.audit.affinity import row_cosine, sample_affinity
 from core.cli_unlearn import random_forget_ids
 from core.data import IDX_FILES
 from core.encoders import get_encoder
-from core.engine import (Callbacks, Projector, UnlearnedModel, UnlearnError, anchor_map, load_unlearned,
-                         run_unlearning, wrap)
-from core.methods import (METHODS, PAPER_SCHEDULE, Context, L2UL, StructGuard, UnlearnConfig, affinity,
-                          default_config, deletion_loss, per_sample_abs_grad_mean)
-from core.audit.affinity import row_cosine, sample_affinity
+from core.engine import (
+    Callbacks,
+    Projector,
+    UnlearnedModel,
+    UnlearnError,
+    anchor_map,
+    load_unlearned,
+    run_unlearning,
+    wrap,
+)
+from core.methods import (
+    L2UL,
+    METHODS,
+    PAPER_SCHEDULE,
+    Context,
+    StructGuard,
+    UnlearnConfig,
+    affinity,
+    default_config,
+    deletion_loss,
+    per_sample_abs_grad_mean,
+)
 from core.metrics import dimensional_alignment, knn_overlap, linear_cka
 from core.pipeline import RunRequest, cached_dataset, execute_run
 from core.proxy import Cancelled, make_proxy_set, random_targets
@@ -89,7 +107,7 @@ def data_dir(tmp_path_factory) -> str | None:
         assert part.ids[:n].tolist() == list(range(n))
         images = part.pixels[:n, 0].numpy().astype(np.uint8)
         labels = part.labels[:n].numpy().astype(np.uint8)
-        for stem, arr in zip(IDX_FILES[split], (images, labels)):
+        for stem, arr in zip(IDX_FILES[split], (images, labels), strict=True):
             (root / f"{stem}.gz").write_bytes(gzip.compress(_idx_bytes(arr), compresslevel=1))
     return str(root)
 
@@ -1003,7 +1021,7 @@ def test_each_ablation_changes_the_result(switch, model, forget, anchors):
     full = run_unlearning(model, x, y, 10, _config("structguard", **base), anchors.matrix)
     ablated = run_unlearning(model, x, y, 10, _config("structguard", **{switch: False}, **base), anchors.matrix)
     diff = max(float((a - b).abs().max()) for a, b in zip(full.model.state_dict().values(),
-                                                          ablated.model.state_dict().values()))
+                                                          ablated.model.state_dict().values(), strict=True))
     assert diff > 1e-6, f"turning {switch.upper()} off changed nothing"
 
 
