@@ -208,9 +208,9 @@ def validate_forget_ids(ids: list[int], ds: Dataset, already_forgotten: set[int]
     known = set(ds.train.ids.tolist())
     bad = [i for i in ids if i not in known]
     if bad:
-        hi = int(ds.train.ids.max())
-        raise UnlearnError(f"{len(bad)} forget id(s) are not training images of {ds.name} ({ds.source_kind}, "
-                           f"ids 0..{hi}): {bad[:10]}")
+        lo, hi = int(ds.train.ids.min()), int(ds.train.ids.max())
+        raise UnlearnError(f"{len(bad)} forget id(s) are not training images of {ds.name} ({ds.source_kind}: "
+                           f"{len(ds.train)} images, ids between {lo} and {hi}): {bad[:10]}")
     again = sorted(set(ids) & set(already_forgotten))
     if again:
         raise UnlearnError(f"ids {again[:10]} were already forgotten by an earlier run in this lineage")

@@ -1,7 +1,8 @@
 """StructGuard Studio: `streamlit run dashboard/app.py`.
 
 The entry point only sets up the page, the navigation and a short sidebar;
-each page is a thin file under dashboard/pages/.
+each page is a thin file under dashboard/app_pages/ (not pages/: Streamlit would list a pages/ folder
+itself and serve a page opened by its URL without this script, hence without the navigation).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from core.runs import clean_partials_once, runs_root  # noqa: E402
 from dashboard import session as S  # noqa: E402
 from dashboard import widgets  # noqa: E402
 
-PAGES = Path(__file__).resolve().parent / "pages"
+PAGES = Path(__file__).resolve().parent / "app_pages"
 
 st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:", layout="wide")
 S.session_token()

@@ -130,7 +130,7 @@ def job_panel(key: str) -> None:
         st.success("Saved: " + ", ".join(f"`{d.name}`" for d in snap["run_dirs"]))
         if st.button("Open in Audit", key=f"{key}_open", icon=":material/fact_check:"):
             S.set_current_run(snap["run_dirs"][-1])
-            st.switch_page("pages/audit.py")
+            st.switch_page("app_pages/audit.py")
     elif snap["status"] == "cancelled":
         st.warning("The run was cancelled. Nothing was saved for the unfinished run; earlier saved runs are intact.")
     elif snap["status"] == "failed":
@@ -167,7 +167,7 @@ def finish_job(job: jobs.Job) -> None:
     S.set_current_run(snap["run_dirs"][-1])
     if len(ids) > 1:
         S.request_compare(ids)
-    st.switch_page(st.session_state.pop("job_open_page", "pages/audit.py"))
+    st.switch_page(st.session_state.pop("job_open_page", "app_pages/audit.py"))
 
 
 def demo_launcher(model_name: str | None, ds: Any) -> None:
@@ -189,7 +189,7 @@ def demo_launcher(model_name: str | None, ds: Any) -> None:
                              seed=DEMO_SEED, runs_root=str(runs_root()), retain_eval=DEMO_RETAIN_EVAL,
                              **anchor_fields())
                 for m in ("neggrad", "structguard")]
-        launch("Teaching demo: NegGrad vs StructGuard", reqs, "pages/runs.py")
+        launch("Teaching demo: NegGrad vs StructGuard", reqs, "app_pages/runs.py")
         st.rerun()
     job_panel("start")
 

@@ -216,7 +216,7 @@ def test_teaching_demo_runs_both_methods_and_opens_comparison(app_env, monkeypat
 
 def test_forget_set_click_select_random_and_filter(app_env) -> None:
     at = new_app()
-    at.switch_page("pages/forget_set.py").run()
+    at.switch_page("app_pages/forget_set.py").run()
     no_exceptions(at)
     assert len(at.image) >= 24  # a page of enlarged thumbnails
     first = next(b for b in at.button if b.key and b.key.startswith("tg_"))
@@ -242,7 +242,7 @@ def test_forget_set_click_select_random_and_filter(app_env) -> None:
 
 def test_forget_set_uploads_are_validated(app_env) -> None:
     at = new_app()
-    at.switch_page("pages/forget_set.py").run()
+    at.switch_page("app_pages/forget_set.py").run()
     uploader = at.file_uploader[0]
     bomb = png_bytes((3000, 2000))
     files = [("good.png", png_bytes(), "image/png"), ("text.png", b"not an image at all", "image/png"),
@@ -271,7 +271,7 @@ def test_forget_set_uploads_are_validated(app_env) -> None:
 
 def test_forget_set_save_and_load_id_lists(app_env) -> None:
     at = new_app()
-    at.switch_page("pages/forget_set.py").run()
+    at.switch_page("app_pages/forget_set.py").run()
     at.session_state.selection = {5, 7, 11}
     at.run()
     dl = at.download_button[0]
@@ -293,7 +293,7 @@ def test_forget_set_save_and_load_id_lists(app_env) -> None:
 
 def test_anchors_edit_warn_restore_import(app_env) -> None:
     at = new_app()
-    at.switch_page("pages/anchors.py").run()
+    at.switch_page("app_pages/anchors.py").run()
     no_exceptions(at)
     assert len(at.text_area) == 10
     assert at.get("plotly_chart"), "anchor-similarity heatmap"
@@ -332,7 +332,7 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     fake.gate.clear()
     monkeypatch.setattr(pipeline, "execute_run", fake)
     at = new_app()
-    at.switch_page("pages/unlearn.py").run()
+    at.switch_page("app_pages/unlearn.py").run()
     no_exceptions(at)
     start = next(b for b in at.button if b.label == "Start unlearning")
     assert start.disabled and any("forget set is empty" in w.value for w in at.warning)
@@ -353,7 +353,7 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     assert req.config["sr"] is False and req.config["max_epochs"] == 3
     assert at.title[0].value == "Audit", ([e.value for e in at.error], [w.value for w in at.warning])
 
-    at.switch_page("pages/unlearn.py").run()
+    at.switch_page("app_pages/unlearn.py").run()
     at.segmented_control(key="un_method").set_value("neggrad").run()
     no_exceptions(at)
     assert not any(t.label.startswith("SA") for t in at.toggle)
@@ -382,7 +382,7 @@ def test_unlearn_cancel_keeps_runs_intact(app_env, monkeypatch) -> None:
     before = {p.run_id for p in runs.list_runs(app_env["STRUCTGUARD_RUNS"])}
     at = new_app()
     at.session_state.selection = {4, 5}
-    at.switch_page("pages/unlearn.py").run()
+    at.switch_page("app_pages/unlearn.py").run()
     next(b for b in at.button if b.label == "Start unlearning").click().run()
     time.sleep(0.3)
     at.run()
@@ -404,7 +404,7 @@ def saved_run(app_env) -> Path:
 def test_audit_sections(app_env, saved_run) -> None:
     at = new_app()
     at.session_state.current_run = saved_run
-    at.switch_page("pages/audit.py").run()
+    at.switch_page("app_pages/audit.py").run()
     no_exceptions(at)
     labels = [m.label for m in at.metric]
     assert "Forget accuracy" in labels and "Test accuracy" in labels
@@ -431,7 +431,7 @@ def test_runs_table_compare_damaged_lineage_continue_delete(app_env, saved_run) 
     damaged.mkdir(parents=True, exist_ok=True)
     (damaged / "run.json").write_text("{not json")
     at = new_app()
-    at.switch_page("pages/runs.py").run()
+    at.switch_page("app_pages/runs.py").run()
     no_exceptions(at)
     table = at.dataframe[0].value
     assert any(str(s).startswith("damaged") for s in table["status"])
@@ -452,7 +452,7 @@ def test_runs_table_compare_damaged_lineage_continue_delete(app_env, saved_run) 
     assert at.title[0].value == "Unlearn"
     assert at.session_state.continue_from == str(child)
 
-    at.switch_page("pages/runs.py").run()
+    at.switch_page("app_pages/runs.py").run()
     at.session_state.compare_runs = [damaged.name]
     at.session_state.runs_rev = 3
     at.run()
@@ -470,15 +470,15 @@ def test_two_sessions_never_share_selection_or_jobs(app_env, monkeypatch) -> Non
     monkeypatch.setattr(pipeline, "execute_run", fake)
     a, b = new_app(), new_app()
     assert a.session_state.token != b.session_state.token
-    a.switch_page("pages/forget_set.py").run()
-    b.switch_page("pages/forget_set.py").run()
+    a.switch_page("app_pages/forget_set.py").run()
+    b.switch_page("app_pages/forget_set.py").run()
     a.button(key=next(x.key for x in a.button if x.key and x.key.startswith("tg_"))).click().run()
     b.run()
     assert len(a.session_state.selection) == 1 and b.session_state.selection == set()
 
-    a.switch_page("pages/unlearn.py").run()
+    a.switch_page("app_pages/unlearn.py").run()
     next(x for x in a.button if x.label == "Start unlearning").click().run()
-    b.switch_page("pages/unlearn.py").run()
+    b.switch_page("app_pages/unlearn.py").run()
     assert not b.get("progress"), "session B must not see A's job"
     from dashboard import jobs
 
@@ -487,7 +487,7 @@ def test_two_sessions_never_share_selection_or_jobs(app_env, monkeypatch) -> Non
     c = AppTest.from_file(APP, default_timeout=TIMEOUT)
     c.query_params["s"] = a.session_state.token
     c.run()
-    c.switch_page("pages/unlearn.py").run()
+    c.switch_page("app_pages/unlearn.py").run()
     assert c.session_state.token == a.session_state.token and not c.get("progress")
     # ... but after a reload (A's session is gone) the same token re-attaches to the running job.
     monkeypatch.setattr(jobs, "session_alive", lambda sid: False)
@@ -514,7 +514,7 @@ def test_dashboard_and_report_draw_the_same_drift_map(app_env, saved_run, tmp_pa
     shutil.rmtree(saved_run / "views")  # the dashboard fits the map again instead of reading the report's cache
     at = new_app()
     at.session_state.current_run = saved_run
-    at.switch_page("pages/audit.py").run()
+    at.switch_page("app_pages/audit.py").run()
     at.segmented_control(key="audit_section").set_value("Drift").run()
     no_exceptions(at)
     dash = pio.from_json(at.get("plotly_chart")[0].proto.spec)

@@ -216,7 +216,7 @@ def test_structguard_debug_shows_the_traceback(run_cli, tiny_setup, tmp_path: Pa
 @pytest.mark.timeout(600)
 def test_unlearn_chain_with_parent(run_cli, tiny_setup, tmp_path: Path) -> None:
     """A dashboard-saved forget set, then a second request continuing from it; repeating an id is refused."""
-    first_ids = tmp_path / "forget_set.json"  # written as dashboard/pages/forget_set.py writes it
+    first_ids = tmp_path / "forget_set.json"  # written as dashboard/app_pages/forget_set.py writes it
     first_ids.write_text(json.dumps({"dataset": "fashion-mnist", "split": "train", "ids": [0, 1]}, indent=1))
     proc = run_cli(*_unlearn(tiny_setup, "--ids", str(first_ids), "--json"), timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -211,3 +211,13 @@ def journey(page, browser, url: str, tmp: Path) -> None:
     other.locator("h1", has_text="StructGuard Studio").wait_for(timeout=300_000)
     other.get_by_text("Forget set: 0 images").wait_for(timeout=120_000)
     other.close()
+
+    # A page opened by its own URL (a bookmark) runs inside the app: navigation titles and the session sidebar
+    direct = browser.new_context().new_page()
+    direct.set_default_timeout(120_000)
+    direct.goto(url.rstrip("/") + "/audit", timeout=120_000)
+    direct.locator("h1", has_text="Audit").wait_for(timeout=300_000)
+    links = direct.locator('[data-testid="stSidebarNavLink"]').all_inner_texts()
+    assert [t.strip() for t in links] == ["Start", "Forget set", "Anchors", "Unlearn", "Audit", "Runs"], links
+    direct.get_by_text("This session").first.wait_for()
+    direct.close()

@@ -18,7 +18,7 @@ from core.forget_ids import (
 
 
 def dashboard_file(dataset: str, ids: list[int]) -> str:
-    """Exactly what dashboard/pages/forget_set.py offers for download."""
+    """Exactly what dashboard/app_pages/forget_set.py offers for download."""
     return json.dumps({"dataset": dataset, "split": "train", "ids": sorted(ids)}, indent=1)
 
 

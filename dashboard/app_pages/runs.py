@@ -67,13 +67,13 @@ c1, c2, c3 = st.columns(3)
 if len(picked) == 1 and ok:
     if c1.button("Open in Audit", icon=":material/fact_check:", type="primary"):
         S.set_current_run(ok[0].path)
-        st.switch_page("pages/audit.py")
+        st.switch_page("app_pages/audit.py")
     if c2.button("Continue from this run", icon=":material/redo:",
                  help="A sequential request: the next run starts from this run's unlearned model."):
         st.session_state.continue_from = str(ok[0].path)
         already = set((ok[0].meta or {}).get("all_forget_ids", (ok[0].meta or {}).get("forget_ids", [])))
         S.set_selection(S.selection() - already)
-        st.switch_page("pages/unlearn.py")
+        st.switch_page("app_pages/unlearn.py")
 with c3.popover(f"Delete {len(picked)} run(s)", icon=":material/delete:", disabled=widgets.busy()):
     st.write("This removes the run folders from disk: " + ", ".join(f"`{p.run_id}`" for p in picked))
     if st.button("Delete for good", type="primary"):

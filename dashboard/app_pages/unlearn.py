@@ -130,7 +130,7 @@ if st.button("Start unlearning", type="primary", icon=":material/play_arrow:", d
     except (ValueError, TypeError) as exc:
         st.error(f"Cannot start: {exc}")
     else:
-        widgets.launch(f"{method} on {len(sel) + len(ups)} images", [req], "pages/audit.py")
+        widgets.launch(f"{method} on {len(sel) + len(ups)} images", [req], "app_pages/audit.py")
         st.rerun()
 
 widgets.job_panel("unlearn")
