@@ -104,7 +104,7 @@ def write_idx_dir(tmp_path: Path) -> Callable[..., Path]:
         for split, n in (("train", n_train), ("test", n_test)):
             images = np.repeat((np.arange(n) % 256).astype(np.uint8), 28 * 28).reshape(n, 28, 28)
             labels = (np.arange(n) % 10).astype(np.uint8)
-            for stem, arr in zip(IDX_FILES[split], (images, labels)):
+            for stem, arr in zip(IDX_FILES[split], (images, labels), strict=True):
                 data = _idx_bytes(arr)
                 if gz:
                     (root / f"{stem}.gz").write_bytes(gzip.compress(data))
