@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .anchors import AnchorError
+from .anchors_llm import LLMError
 from .data import DataError, load_dataset
 from .downloads import env_flag
 from .encoders import EncoderError
@@ -24,7 +25,7 @@ from .train import TrainConfig, accuracy, prepare_model, train_classifier
 
 # Errors a user causes (a bad path, file, name or choice): one line on stderr and exit code 2.
 # Anything else is a bug and keeps its traceback; STRUCTGUARD_DEBUG=1 (or true, yes, on) shows it for these too.
-USER_ERRORS = (AnchorError, DataError, EncoderError, ForgetIdsError, ModelError, RunError, UnlearnError,
+USER_ERRORS = (AnchorError, DataError, EncoderError, ForgetIdsError, LLMError, ModelError, RunError, UnlearnError,
                FileNotFoundError)
 
 COMMANDS: dict[str, tuple[callable, callable]] = {}
@@ -237,7 +238,7 @@ def _load_optional_commands() -> None:
     """Sub-commands that live in their own modules register themselves on import."""
     import importlib
 
-    for mod in ("core.cli_unlearn", "core.cli_report"):
+    for mod in ("core.cli_unlearn", "core.cli_report", "core.cli_anchors"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
+from test_anchors_llm import FakeLLM, attrs_for
 
 from core import pipeline, runs
 from core.data import load_dataset
@@ -322,6 +323,101 @@ def test_anchors_edit_warn_restore_import(app_env) -> None:
     next(b for b in at.button if b.label == "Use this file").click().run()
     no_exceptions(at)
     assert at.session_state.anchor_texts == good
+
+
+def test_anchors_import_error_names_the_upload_not_a_temp_path(app_env) -> None:
+    at = new_app()
+    at.switch_page("app_pages/anchors.py").run()
+    bad = json.dumps({"dataset": "fashion-mnist", "classes": {"T-shirt": ["x"]}}).encode()
+    at.file_uploader[0].set_value(("my anchors.json", bad, "application/json")).run()
+    next(b for b in at.button if b.label == "Use this file").click().run()
+    errors = [e.value for e in at.error]
+    assert any(e.startswith("my anchors.json does not fit fashion-mnist: invalid anchor descriptions") for e in errors)
+    assert not any("/tmp" in e or "anchors.json:" in e.replace("my anchors.json", "") for e in errors), errors
+
+
+# ---------------------------------------------------------------- Anchors: language model
+
+
+@pytest.fixture
+def llm_server(app_env, monkeypatch):
+    """The OpenAI-compatible test server of test_anchors_llm, named by the environment as a user would."""
+    with FakeLLM() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("STRUCTGUARD_LLM_MODEL", "numbered")
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        yield server
+
+
+def test_anchors_llm_panel_without_endpoint_says_how(app_env, monkeypatch) -> None:
+    for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "STRUCTGUARD_LLM_MODEL"):
+        monkeypatch.delenv(k, raising=False)
+    at = new_app()
+    at.switch_page("app_pages/anchors.py").run()
+    no_exceptions(at)
+    assert any("No language-model endpoint is configured" in i.value and "OPENAI_BASE_URL" in i.value
+               and "STRUCTGUARD_LLM_MODEL" in i.value for i in at.info)
+    assert at.button(key="llm_all").disabled and at.button(key="llm_one_0").disabled
+    assert len(at.text_area) == 10 and at.get("plotly_chart")  # the rest of the page works as today
+    at.text_area[0].input("cotton\nshort sleeves").run()
+    assert at.session_state.anchor_texts["T-shirt/top"] == ["cotton", "short sleeves"]
+
+
+def test_anchors_llm_panel_generate_diff_accept_discard(app_env, llm_server) -> None:
+    at = new_app()
+    at.switch_page("app_pages/anchors.py").run()
+    no_exceptions(at)
+    assert not at.info, [i.value for i in at.info]
+    assert at.text_input(key="llm_base_url").value == llm_server.url
+    assert at.text_input(key="llm_model").value == "numbered"
+    defaults = {c: list(v) for c, v in at.session_state.anchor_texts.items()}
+
+    # one class: a diff against the current texts, nothing changed yet
+    at.button(key="llm_one_1").click().run()
+    no_exceptions(at)
+    assert list(at.session_state.llm_pending["texts"]) == ["Trouser"]
+    shown = " ".join(m.value for m in at.markdown)
+    assert ":green-badge[new] trouser outline" in shown and ":red-badge[dropped] ~~two long separate legs~~" in shown
+    assert at.session_state.anchor_texts == defaults
+    assert '"Trouser"' in llm_server.requests[-1]["body"]["messages"][-1]["content"]
+
+    # accept this class: it becomes an ordinary, editable anchor and the heatmap is re-encoded
+    at.button(key="llm_acc_1").click().run()
+    no_exceptions(at)
+    assert at.session_state.anchor_texts["Trouser"] == attrs_for("Trouser")
+    assert at.session_state.anchor_texts["T-shirt/top"] == defaults["T-shirt/top"]
+    assert "llm_pending" not in at.session_state
+    editor = at.text_area(key=f"anc_{at.session_state.anchor_rev}_1")  # Trouser's editor, re-read
+    assert editor.value == "\n".join(attrs_for("Trouser")) and editor.label == "Trouser (edited)"
+    assert at.session_state.anchor_set.texts["Trouser"] == attrs_for("Trouser")
+    assert any("Accepted the model's attributes for Trouser" in m.value for m in at.success)
+
+    # all classes, then discard: nothing changes
+    at.button(key="llm_all").click().run()
+    no_exceptions(at)
+    assert list(at.session_state.llm_pending["texts"]) == list(defaults)
+    assert any("same as now" in m.value for m in at.markdown)  # Trouser already holds these
+    at.button(key="llm_discard").click().run()
+    assert "llm_pending" not in at.session_state
+    assert at.session_state.anchor_texts["Coat"] == defaults["Coat"]
+
+    # all classes in another reply shape, then accept all
+    at.text_input(key="llm_model").set_value("fence").run()
+    at.button(key="llm_all").click().run()
+    at.button(key="llm_accept").click().run()
+    no_exceptions(at)
+    assert at.session_state.anchor_texts == {c: attrs_for(c) for c in defaults}
+    assert at.session_state.anchor_set.texts == at.session_state.anchor_texts
+
+    # errors are one line in the panel; the page keeps working
+    at.text_input(key="llm_model").set_value("no-such-model").run()
+    at.button(key="llm_one_0").click().run()
+    no_exceptions(at)
+    assert any("model 'no-such-model' not found" in e.value for e in at.error)
+    at.text_input(key="llm_model").set_value("garbage").run()
+    at.button(key="llm_one_0").click().run()
+    assert any("could not read attributes for 'T-shirt/top'" in e.value and "I am sorry" in e.value for e in at.error)
+    assert "llm_pending" not in at.session_state and at.get("plotly_chart")
 
 
 # ---------------------------------------------------------------- Unlearn
