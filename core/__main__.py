@@ -1,4 +1,4 @@
-"""Command line: python -m core {info,train,retrain,evaluate,unlearn,bench,report} ..."""
+"""Command line: python -m core {info,train,retrain,evaluate,unlearn,bench,report,anchors} ..."""
 
 from __future__ import annotations
 
