@@ -1,0 +1,47 @@
+"""The retention term on mixtures of forget images (config mix_weight), by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from core.methods import Context, UnlearnConfig, mixture_distillation
+
+
+def _ctx(step: int = 3) -> Context:
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    live = copy.deepcopy(original)
+    cfg = UnlearnConfig(method="adv", seed=5, batch_size=6, mix_weight=2.0)
+    ctx = Context(model=live, original=original, config=cfg, step=step)
+    ctx.state["x_forget"] = torch.rand(4, 1, 4, 4)
+    return ctx
+
+
+def test_mixture_distillation_by_hand() -> None:
+    ctx = _ctx()
+    assert abs(float(mixture_distillation(ctx).detach())) < 1e-6  # the live model is still the original
+    with torch.no_grad():
+        ctx.model[1].weight.add_(0.3 * torch.randn_like(ctx.model[1].weight))
+    # the same batch by hand: (seed, step) fix the pairs and the mixing weights
+    g = torch.Generator().manual_seed(5 * 100_003 + 3)
+    i, j = torch.randint(4, (6,), generator=g), torch.randint(4, (6,), generator=g)
+    lam = (0.3 + 0.4 * torch.rand(6, generator=g)).view(-1, 1, 1, 1)
+    x_f = ctx.state["x_forget"]
+    x = lam * x_f[i] + (1 - lam) * x_f[j]
+    p = torch.softmax(ctx.original(x), 1)
+    q = torch.log_softmax(ctx.model(x), 1)
+    by_hand = (p * (p.log() - q)).sum(1).mean()
+    torch.testing.assert_close(mixture_distillation(ctx), by_hand)
+    assert float(by_hand) > 0
+    assert 0.3 <= float(lam.min()) and float(lam.max()) <= 0.7
+
+
+def test_mixture_batches_change_with_the_step() -> None:
+    a, b = _ctx(step=3), _ctx(step=4)
+    for c in (a, b):
+        with torch.no_grad():
+            c.model[1].weight.add_(0.3)
+    assert not torch.isclose(mixture_distillation(a), mixture_distillation(b))
