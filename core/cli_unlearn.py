@@ -25,13 +25,15 @@ if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): impo
     from .pipeline import RunRequest
 
 CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
-                "max_epochs", "projector_init", "schedule", "deletion", "margin", "bn")
+                "max_epochs", "projector_init", "schedule", "deletion", "margin", "bn", "mix_weight")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge", "masked_ce", "ce"), "bn": ("frozen", "train"),
            "projector_init": ("identity", "random")}
 HELP = {"schedule": "ours (default: engine v2) or paper (the authors' loop: CE ascent, train-mode BN, random "
                     "projector, their budgets and learning rates)",
         "deletion": "deletion term: hinge (bounded, default), masked_ce, or ce (the published ascent)",
-        "bn": "backbone BatchNorm during updates: frozen (default) or train"}
+        "bn": "backbone BatchNorm during updates: frozen (default) or train",
+        "mix_weight": "weight of the retention term on mixtures of forget images (Adv, L2UL, StructGuard; "
+                      "0 = off, the default; 3 with --max-epochs 15 kept k=128 from collapsing, docs/METHOD.md)"}
 
 
 def random_forget_ids(dataset: str, data_dir: str | None, k: int, seed: int) -> list[int]:

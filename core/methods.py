@@ -37,6 +37,7 @@ class UnlearnConfig:
     lam: float = 1.0                  # weight of the importance regulariser (L2UL, SR)
     cr_weight: float = 0.001          # weight of the classifier regulariser (CR)
     sa_weight: float = 1.0            # weight of the structure-alignment term (SA); the paper's is 1
+    mix_weight: float = 0.0           # proxy methods: KL to the original on mixtures of forget images (0 = off)
     sa: bool = True                   # StructGuard ablation switches
     sr: bool = True
     cr: bool = True
@@ -313,8 +314,11 @@ class Adv(Method):
     summary = "ascent on the forget set + descent on adversarial proxies"
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
-        return {"del": b.w_f * deletion_loss(ctx.model(b.x_f), b.y_f, ctx.config),
-                "ret": b.w_a * F.cross_entropy(ctx.model(b.x_a), b.y_a)}
+        terms = {"del": b.w_f * deletion_loss(ctx.model(b.x_f), b.y_f, ctx.config),
+                 "ret": b.w_a * F.cross_entropy(ctx.model(b.x_a), b.y_a)}
+        if ctx.config.mix_weight > 0:
+            terms["mix"] = ctx.config.mix_weight * mixture_distillation(ctx)
+        return terms
 
 
 class L2UL(Adv):
@@ -420,7 +424,28 @@ class StructGuard(Method):
         if c.cr:
             w = m.classifier_weight()
             terms["cr"] = c.cr_weight * (0.99 * w.abs().sum() + 0.005 * w.pow(2).sum())
+        if c.mix_weight > 0:
+            terms["mix"] = c.mix_weight * mixture_distillation(ctx)
         return terms
+
+
+def mixture_distillation(ctx: Context) -> torch.Tensor:
+    """KL(original || live) on a fresh batch of mixtures of two forget images (lambda in [0.3, 0.7]).
+
+    Data-free, like the rest of the instance-unlearning setting: only the forget set and the frozen
+    original are used. The mixtures lie between forget images, away from each of them, so keeping the
+    original's answers there resists the global shortcut (the runner-up class everywhere) without asking
+    the forget images themselves to stay. The batch depends on (seed, step) only: runs stay reproducible.
+    """
+    x_f, c = ctx.state["x_forget"], ctx.config
+    g = torch.Generator().manual_seed(c.seed * 100_003 + ctx.step)
+    n = c.batch_size
+    i, j = torch.randint(len(x_f), (n,), generator=g), torch.randint(len(x_f), (n,), generator=g)
+    lam = (0.3 + 0.4 * torch.rand(n, generator=g)).to(x_f.device).view(-1, 1, 1, 1)
+    x = lam * x_f[i] + (1 - lam) * x_f[j]
+    with torch.no_grad():
+        target = torch.softmax(ctx.original(x), 1)
+    return F.kl_div(F.log_softmax(ctx.model(x), 1), target, reduction="batchmean")
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (NegGrad, Adv, L2UL, StructGuard)}
