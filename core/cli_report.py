@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .cli import _device_arg, command
-from .runs import RunError
+from .runs import check_run
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -25,19 +24,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Refuse what is not a run at all; a damaged run still gets a report that lists what is missing."""
-    hint = "give a run folder such as runs/<run_id>"
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir} is not a directory; {hint}")
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-    except FileNotFoundError:
-        raise RunError(f"{run_dir} is not a run folder: it has no run.json; {hint}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunError(f"{run_dir}/run.json cannot be read ({exc}); the run is damaged beyond a report: "
-                       "run it again") from None
-    if not isinstance(meta, dict):
-        raise RunError(f"{run_dir}/run.json does not describe a run; the run is damaged: run it again")
+    """Refuse what is not a complete run (core.runs.check_run, the listing's own test): one line, exit 2.
+    build_report itself still reports what it can of a damaged run (the library call)."""
+    check_run(run_dir)
 
 
 @command("report", _report_args)

@@ -93,9 +93,9 @@ def build_request(args: argparse.Namespace, method: str, k: int | None, seed: in
     parent = getattr(args, "parent", None)
     if parent:
         try:
-            runs.load_run(parent, strict=True)
+            runs.check_run(parent)
         except runs.RunError as exc:
-            raise runs.RunError(f"--parent: {exc}; give a complete run folder such as runs/<run_id>") from exc
+            raise runs.RunError(f"--parent: {exc}") from exc
     else:
         check_model(args.model)
     overrides = {f: getattr(args, f) for f in CONFIG_FLAGS if getattr(args, f, None) is not None}

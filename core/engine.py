@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .methods import Batch, Context, UnlearnConfig, get_method, original_proxy_features
 from .models import ResNet, load_weights, model_from_card
@@ -188,7 +189,8 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
 
     Phases: proxy set (PGD against the original), `prepare`, then update steps in passes
     over the proxy set (the forget set for NegGrad) until forget accuracy is 0 or max_epochs
-    passes. Cancel is checked between steps; a NaN loss stops the run.
+    passes. Cancel is checked inside every long loop (PGD passes, importance batches, within each step,
+    snapshots), so it answers within about a second; a NaN loss stops the run.
     """
     config.validate()
     cb = callbacks or Callbacks()
@@ -204,6 +206,8 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
 
     ctx = Context(model=live, original=original, config=config)
     ctx.state["x_forget"] = x_forget
+    # the recipes' long loops (importance, the original's proxy features) call this between batches
+    ctx.state["check_cancel"] = lambda: cb.check_cancel("the importance measurement")
 
     t0 = time.perf_counter()
     if recipe.needs_proxy:
@@ -213,9 +217,12 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             config.seed, on_chunk=lambda done, total: cb.progress(0.4 * done / total, f"proxy set {done}/{total}"),
             should_cancel=cb.should_cancel, early_exit=config.pgd_early_exit)
         if config.proxy_labels == "original":  # an attack that missed its target keeps what theta_0 says
+            labels = []
             with torch.no_grad():
-                ctx.y_adv = torch.cat([original(ctx.x_adv[i:i + 512]).argmax(1)
-                                       for i in range(0, len(ctx.x_adv), 512)])
+                for i in range(0, len(ctx.x_adv), 512):
+                    cb.check_cancel("the proxy set")
+                    labels.append(original(ctx.x_adv[i:i + 512]).argmax(1))
+            ctx.y_adv = torch.cat(labels)
     timings["proxy"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -283,6 +290,7 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             loss.backward()
             opt.step()
             step += 1
+            cb.check_cancel("the update steps")
             # The authors skip the check during the first pass (a random projector would stop the run at once).
             checked = checked or step > steps_per_epoch
             if checked:
@@ -333,7 +341,9 @@ def save_unlearned(model: UnlearnedModel, directory: Path, base_card: dict, extr
     """model.safetensors + model.json (the base card and the projector chain)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
+    # serialised in memory and written by Python: the file gets the umask's mode like every other file of a run
+    # (safetensors' own save_file creates 0600) and a failed write is an OSError (full disk, read-only folder)
+    (directory / "model.safetensors").write_bytes(safetensors_bytes(state))
     card = {"kind": "unlearned", "base_card": base_card, "chain": model.chain(), **(extra or {})}
     (directory / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     return card

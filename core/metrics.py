@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,23 +46,38 @@ class Outputs:
         return cls(*(np.zeros((0, 0), np.float32) for _ in range(3)))
 
 
+CHECKED_CPU_BATCH = 256  # with a cancel check on the CPU: a batch takes well under a second (2 cores)
+
+
 @torch.no_grad()
 def outputs(model: nn.Module, split: Split | torch.Tensor, positions: torch.Tensor | None = None,
-            batch_size: int = 1000, device: torch.device | None = None) -> Outputs:
-    """batch_outputs over the given rows of a split (or over a tensor of images), as numpy arrays."""
+            batch_size: int = 1000, device: torch.device | None = None,
+            check: Callable[[], None] | None = None) -> Outputs:
+    """batch_outputs over the given rows of a split (or over a tensor of images), as numpy arrays.
+
+    `check()` (a run's cancel check, which raises) is called before every batch; with one, CPU batches
+    are at most CHECKED_CPU_BATCH rows so that cancel answers quickly (each row's outputs do not
+    depend on the batch it is in)."""
     device = device or next(model.parameters()).device
+    if check is not None and device.type == "cpu":
+        batch_size = min(batch_size, CHECKED_CPU_BATCH)
     was = model.training
     model.eval()
     n = len(split) if positions is None else len(positions)
     parts = []
-    for start in range(0, n, batch_size):
-        if isinstance(split, torch.Tensor):
-            x = split[start:start + batch_size].to(device)
-        else:
-            rows = positions[start:start + batch_size] if positions is not None else slice(start, start + batch_size)
-            x = to_device_format(split.images(rows), device)
-        parts.append(batch_outputs(model, x))
-    model.train(was)
+    try:
+        for start in range(0, n, batch_size):
+            if check is not None:
+                check()
+            if isinstance(split, torch.Tensor):
+                x = split[start:start + batch_size].to(device)
+            else:
+                rows = positions[start:start + batch_size] if positions is not None \
+                    else slice(start, start + batch_size)
+                x = to_device_format(split.images(rows), device)
+            parts.append(batch_outputs(model, x))
+    finally:
+        model.train(was)
     if not parts:
         return Outputs.empty()
     return Outputs(*(torch.cat([p[i] for p in parts]).numpy() for i in range(3)))

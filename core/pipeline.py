@@ -12,12 +12,15 @@ execute_run passes typed values through five stages, each a short function:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +59,7 @@ from .peak_memory import PeakMemory
 from .train import prepare_model, to_device_format
 
 ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 MAX_SNAPSHOTS = 40
 ACCURACIES = ("forget_acc", "retain_acc", "test_acc")
 
@@ -194,11 +198,15 @@ def code_version() -> str:
 
 
 def validate_forget_ids(ids: list[int], ds: Dataset, already_forgotten: set[int] = frozenset()) -> list[int]:
-    """Clear errors for empty, duplicate, out-of-range or impossible forget sets."""
-    try:
-        ids = [int(i) for i in ids]
-    except (TypeError, ValueError) as exc:
-        raise UnlearnError(f"forget ids must be integers: {exc}") from exc
+    """Clear errors for empty, duplicate, out-of-range or impossible forget sets.
+
+    Ids must be integers already (Python or NumPy ints): a float, a boolean or a numeric string is
+    refused, never rounded or converted (core.forget_ids parses files with the same rule)."""
+    odd = [i for i in ids if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))]
+    if odd:
+        raise UnlearnError(f"forget ids must be integers; got {', '.join(repr(i) for i in odd[:5])} "
+                           "(no decimals, booleans or text)")
+    ids = [int(i) for i in ids]
     n = len(ds.train)
     if len(ids) > n:
         raise UnlearnError(f"the forget set has {len(ids)} ids but the training set only {n} images")
@@ -245,28 +253,39 @@ def _hash_positions(t: torch.Tensor) -> str:
 _ORIGINAL_CACHE: dict[str, Outputs] = {}
 
 
-def original_outputs(key: str, model: nn.Module, split, positions: torch.Tensor, cache_dir: Path | None) -> Outputs:
+def original_outputs(key: str, model: nn.Module, split, positions: torch.Tensor, cache_dir: Path | None,
+                     check: Callable[[], None] | None = None) -> Outputs:
     """Outputs of a model that never changes (an original or a retrained one), cached in memory and on
-    disk, keyed by its weights' hash or parent run, the split and the exact rows."""
+    disk, keyed by its weights' hash or parent run, the split and the exact rows.
+
+    The disk cache (runs/.cache) is least-recently-used and bounded by $STRUCTGUARD_CACHE_MB
+    (core.runs.prune_cache); a cache that cannot be written (full disk, read-only) is skipped (logged)
+    and leaves no partial file. `check` is the run's cancel check, called between batches."""
     name = f"{key}|{len(split)}|{_hash_positions(split.ids)}|{_hash_positions(positions)}"
     k = hashlib.sha1(name.encode()).hexdigest()[:24]
-    if k in _ORIGINAL_CACHE:
-        return _ORIGINAL_CACHE[k]
     path = cache_dir / f"original-{k}.npz" if cache_dir else None
+    if k in _ORIGINAL_CACHE:
+        if path is not None:
+            runs.touch(path)  # a use: the disk copy stays among the most recently used
+        return _ORIGINAL_CACHE[k]
     result = None
     if path is not None and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
                 result = Outputs(z["feats"], z["backbone"], z["probs"])
+            runs.touch(path)
         except Exception:  # a damaged cache file is recomputed, never trusted
             result = None
     if result is None:
-        result = outputs(model, split, positions)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, feats=result.features, backbone=result.backbone, probs=result.probs)
-            tmp.replace(path)
+        result = outputs(model, split, positions, check=check)
+        if path is not None and runs.cache_limit_bytes() > 0:
+            arrays = {"feats": result.features, "backbone": result.backbone, "probs": result.probs}
+            try:
+                runs.write_atomic(path, writer=lambda fh: np.savez(fh, **arrays), what="the cache")
+            except runs.StorageError as exc:  # only slower next time: no warning on the CLI's one-line stderr
+                log.info("the original model's outputs were not cached: %s", exc)
+            else:
+                runs.prune_cache(path.parent, keep=path)
     if len(_ORIGINAL_CACHE) > 16:
         _ORIGINAL_CACHE.clear()
     _ORIGINAL_CACHE[k] = result
@@ -316,12 +335,41 @@ def forget_batch(ds: Dataset, rows: Rows, uploads: list[tuple[np.ndarray, int]],
     return to_device_format(x, device), y.to(device)
 
 
-def resolve(request: RunRequest) -> Resolved:
-    """Load and validate everything a request names; every user error is raised here, before any work."""
+def _interruptible(fn: Callable[[], Any], cb: Callbacks | None, where: str) -> Any:
+    """fn() while cancel stays answered: a load that cannot stop halfway (a dataset read, an encoder
+    load, seconds each) runs in a helper thread and the caller checks cancel every 50 ms. After a
+    cancel the helper finishes on its own and only fills the in-process caches."""
+    if cb is None or cb.should_cancel is None:
+        return fn()
+    cb.check_cancel(where)
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    helper = threading.Thread(target=work, name=f"structguard-{where.replace(' ', '-')}", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.05)
+        if helper.is_alive():
+            cb.check_cancel(where)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def resolve(request: RunRequest, cb: Callbacks | None = None) -> Resolved:
+    """Load and validate everything a request names; every user error is raised here, before any work.
+
+    With callbacks, cancel is checked between the loads and answered within 50 ms during each of them."""
     from .encoders import get_encoder  # imported when used: open_clip and transformers are slow to import
 
-    ds = cached_dataset(request.dataset, request.data_dir)
-    start = load_start(request)
+    where = "loading"
+    ds = _interruptible(lambda: cached_dataset(request.dataset, request.data_dir), cb, where)
+    start = _interruptible(lambda: load_start(request), cb, where)
     if len(start.card["class_names"]) != ds.num_classes:
         raise UnlearnError(f"the model has {len(start.card['class_names'])} classes but {ds.name} has "
                            f"{ds.num_classes}; pick a model trained on this dataset")
@@ -331,8 +379,12 @@ def resolve(request: RunRequest) -> Resolved:
     config = default_config(request.method, ds.name, k=len(ids) + len(request.uploads),
                             **dict(request.config, seed=request.seed))
     texts = request.anchor_texts if request.anchor_texts is not None else load_anchor_texts(ds.name, ds.class_names)
-    anchor_set = build_anchor_set(validate_anchor_texts(texts, ds.class_names), ds.class_names,
-                                  get_encoder(request.encoder, request.clip_checkpoint))
+    texts = validate_anchor_texts(texts, ds.class_names)
+    anchor_set = _interruptible(lambda: build_anchor_set(texts, ds.class_names, get_encoder(request.encoder,
+                                                                                             request.clip_checkpoint)),
+                                cb, where)
+    if cb is not None:
+        cb.check_cancel(where)
     device = pick_device(request.device)
     start.model = prepare_model(start.model, device).eval()
     rows = choose_rows(ds, ids, start.forgotten_before | set(ids), request)
@@ -348,18 +400,19 @@ def resolve(request: RunRequest) -> Resolved:
 
 
 def measure(model: nn.Module, res: Resolved, original_key: str | None = None,
-            cache_dir: Path | None = None) -> Measured:
+            cache_dir: Path | None = None, check: Callable[[], None] | None = None) -> Measured:
     """A model's outputs on every row set of the run. `original_key` marks a model that never changes
-    (the original or a retrained one): its dataset rows are then cached (core never alters them)."""
+    (the original or a retrained one): its dataset rows are then cached (core never alters them).
+    `check` (the run's cancel check) is called between batches."""
     ds, rows = res.ds, res.rows
 
     def on(split, positions: torch.Tensor) -> Outputs:
         if original_key is None:
-            return outputs(model, split, positions)
+            return outputs(model, split, positions, check=check)
         tag = "|train" if split is ds.train else "|test"
-        return original_outputs(original_key + tag, model, split, positions, cache_dir)
+        return original_outputs(original_key + tag, model, split, positions, cache_dir, check)
 
-    return Measured(outputs(model, res.x_forget), on(ds.train, rows.retain), on(ds.test, rows.test),
+    return Measured(outputs(model, res.x_forget, check=check), on(ds.train, rows.retain), on(ds.test, rows.test),
                     on(ds.train, rows.audit_retain), on(ds.test, rows.audit_test))
 
 
@@ -383,7 +436,8 @@ def structure(before: Measured, after: Measured, R: np.ndarray, anchors: np.ndar
     return structure_scores(fb, fa, sample_affinity(fb, anchors, R), sample_affinity(fa, anchors, R))
 
 
-def retrain_reference(res: Resolved, after: Measured, after_accs: dict, cache_dir: Path) -> dict | None:
+def retrain_reference(res: Resolved, after: Measured, after_accs: dict, cache_dir: Path,
+                      check: Callable[[], None] | None = None) -> dict | None:
     """The retrained model's numbers on the same rows, the gaps to it and the Tug-of-War score.
 
     Only when bench/retrain holds a model retrained without exactly this forget set (core.retrain).
@@ -400,7 +454,7 @@ def retrain_reference(res: Resolved, after: Measured, after_accs: dict, cache_di
         return None
     loaded = load_model(path)
     ref_out = measure(prepare_model(loaded.model, res.device).eval(), res,
-                      original_key=f"model:{loaded.card['weights_sha256']}", cache_dir=cache_dir)
+                      original_key=f"model:{loaded.card['weights_sha256']}", cache_dir=cache_dir, check=check)
     y = res.labels
     ref = {k: v for k, v in summarise(ref_out, res).items() if k in ACCURACIES}
     ref["card"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
@@ -427,8 +481,10 @@ class Snapshots:
     Each snapshot costs a forward pass of the audit sample; the count stays bounded by thinning.
     """
 
-    def __init__(self, x_audit: torch.Tensor, device: torch.device, every: int) -> None:
+    def __init__(self, x_audit: torch.Tensor, device: torch.device, every: int,
+                 check: Callable[[], None] | None = None) -> None:
         self.x_audit, self.device, self.every = x_audit, device, max(1, every)
+        self.check = check or (lambda: None)
         self.steps: list[int] = []
         self.frames: list[np.ndarray] = []
 
@@ -436,8 +492,12 @@ class Snapshots:
     def __call__(self, step: int, live: nn.Module, force: bool = False) -> None:
         if step % self.every and step != 0 and not force:
             return
-        feats = torch.cat([live.features(to_device_format(self.x_audit[i:i + 1000], self.device)).cpu()
-                           for i in range(0, len(self.x_audit), 1000)])
+        chunk = 1000 if self.device.type != "cpu" else 256  # a CPU chunk takes well under a second
+        parts = []
+        for i in range(0, len(self.x_audit), chunk):
+            self.check()
+            parts.append(live.features(to_device_format(self.x_audit[i:i + chunk], self.device)).cpu())
+        feats = torch.cat(parts)
         self.frames.append(feats.half().numpy())
         self.steps.append(step)
         if len(self.frames) > MAX_SNAPSHOTS:  # thin out and snapshot less often from here on
@@ -457,7 +517,8 @@ def _auto_snapshot_every(config: UnlearnConfig, k: int) -> int:
 def unlearn(res: Resolved, cb: Callbacks) -> Unlearned:
     ds, rows = res.ds, res.rows
     x_audit = torch.cat([res.x_forget.cpu(), ds.train.images(rows.audit_retain), ds.test.images(rows.audit_test)])
-    snaps = Snapshots(x_audit, res.device, res.request.snapshot_every or _auto_snapshot_every(res.config, res.k))
+    snaps = Snapshots(x_audit, res.device, res.request.snapshot_every or _auto_snapshot_every(res.config, res.k),
+                      check=lambda: cb.check_cancel("the update steps"))
 
     def scaled(fraction: float, message: str) -> None:
         cb.progress(0.05 + 0.8 * fraction, message)
@@ -537,15 +598,28 @@ def run_meta(res: Resolved, run_id: str, weights_card: dict, metrics: dict, unl:
 
 
 def save(res: Resolved, unl: Unlearned, build_meta: Any, audit: dict, cb: Callbacks) -> Path:
-    """Write the run into a hidden .partial folder and rename it into place only when complete."""
+    """Write the run into a hidden .partial folder and rename it into place only when complete.
+
+    Cancel is checked between the writes; a failed write (full disk, read-only folder) raises
+    runs.StorageError; either way the partial folder is removed, so nothing is left behind."""
+    cb.progress(0.95, "saving the run")
+    cb.check_cancel("saving")
     root = runs.runs_root(res.request.runs_root)
-    run_id = runs.new_run_id(res.request.method, res.k, res.request.seed, root)
-    partial = runs.partial_dir(root, run_id)
+    try:
+        run_id = runs.new_run_id(res.request.method, res.k, res.request.seed, root)
+        partial = runs.partial_dir(root, run_id)
+    except OSError as exc:
+        raise runs.storage_error(exc, "the run") from exc
     try:
         cb.check_cancel("saving")
-        weights_card = save_unlearned(unl.model.cpu(), partial, res.start.card,
-                                      {"run_id": run_id, "method": res.request.method})
-        return runs.finalize(partial, build_meta(run_id, weights_card), audit)
+        try:
+            weights_card = save_unlearned(unl.model.cpu(), partial, res.start.card,
+                                          {"run_id": run_id, "method": res.request.method})
+        except OSError as exc:
+            raise runs.storage_error(exc, "the run") from exc
+        cb.check_cancel("saving")
+        return runs.finalize(partial, build_meta(run_id, weights_card), audit,
+                             check=lambda: cb.check_cancel("saving"))
     except BaseException:
         runs.discard(partial)
         raise
@@ -560,13 +634,15 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     t_start = time.perf_counter()
     with PeakMemory() as memory:
         cb.progress(0.0, "loading model and data")
-        res = resolve(request)
-        cache = runs.runs_root(request.runs_root) / ".cache"
+        res = resolve(request, cb)
+        runs.ensure_writable(runs.runs_root(request.runs_root))
+        cache = runs.runs_root(request.runs_root) / runs.CACHE_DIR
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
         cb.progress(0.02, "measuring the original model")
-        before = measure(res.start.model, res, original_key=res.start.key, cache_dir=cache)
+        before = measure(res.start.model, res, original_key=res.start.key, cache_dir=cache,
+                         check=lambda: cb.check_cancel("measuring the original model"))
         timings["evaluation_before"] = time.perf_counter() - t0
 
         unl = unlearn(res, cb)
@@ -574,8 +650,9 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
 
         t0 = time.perf_counter()
         cb.progress(0.86, "measuring the unlearned model")
-        cb.check_cancel("evaluation")
-        after = measure(unl.model, res)
+        evaluating = lambda: cb.check_cancel("evaluation")  # noqa: E731
+        evaluating()
+        after = measure(unl.model, res, check=evaluating)
         timings["evaluation"] = time.perf_counter() - t0
 
         anchors = res.anchor_set.matrix.cpu().numpy()
@@ -583,8 +660,9 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
         m_before, m_after = summarise(before, res), summarise(after, res)
         m_after["structure"] = structure(before, after, R, anchors)
         m_after["structure_backbone"] = structure(before, after, R, anchors, backbone=True)
-        cb.check_cancel("evaluation")
-        reference = retrain_reference(res, after, m_after, cache)
+        evaluating()
+        reference = retrain_reference(res, after, m_after, cache, evaluating)
+        evaluating()
         audit = audit_arrays(res, before, after, unl, R)
         timings["total"] = time.perf_counter() - t_start
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 class Cancelled(RuntimeError):
-    """The user cancelled the run between two steps."""
+    """The user cancelled the run; raised at the next cancel check (within about a second in every phase)."""
 
 
 def random_targets(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -30,12 +30,21 @@ def _l2_project(delta: torch.Tensor, eps: float) -> torch.Tensor:
     return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
 
 
+# On the CPU each gradient pass takes at most this many images (about a second on 2 cores), so a cancel
+# answers between passes; a row's gradient does not depend on the pass it is in (eval mode).
+CPU_GRAD_BATCH = 128
+
+
 def targeted_l2_pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float, step: float, iters: int,
-                    generator: torch.Generator, early_exit: bool = False) -> torch.Tensor:
+                    generator: torch.Generator, early_exit: bool = False,
+                    should_cancel: Callable[[], bool] | None = None,
+                    grad_batch: int | None = None) -> torch.Tensor:
     """Random start in the L2 ball, normalised-gradient descent on CE(target), clipped to [0, 1].
 
     early_exit: a sample stops moving once the model predicts its target (it is a proxy of that
     class already); the remaining iterations only run on the samples still on their way.
+    Gradients are computed `grad_batch` rows at a time (default: CPU_GRAD_BATCH on the CPU, all rows
+    elsewhere); should_cancel is checked before each of these passes.
     """
     shape = (-1, *([1] * (x.dim() - 1)))
     noise = torch.randn(x.shape, generator=generator).to(x.device)
@@ -43,18 +52,28 @@ def targeted_l2_pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps
     delta = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(radius) * radius * eps
     x_adv = (x + delta).clamp(0, 1)
     active = torch.arange(len(x), device=x.device)
+    sub = max(1, grad_batch or (CPU_GRAD_BATCH if x.device.type == "cpu" else len(x)))
     for _ in range(iters):
-        xa = x_adv[active].detach().requires_grad_(True)
-        logits = model(xa)
-        loss = F.cross_entropy(logits, target[active], reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xa)
+        xs, grads, preds = [], [], []
+        for i in range(0, len(active), sub):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("cancelled while generating the proxy set")
+            rows = active[i:i + sub]
+            xa = x_adv[rows].detach().requires_grad_(True)
+            logits = model(xa)
+            loss = F.cross_entropy(logits, target[rows], reduction="sum")
+            (grad,) = torch.autograd.grad(loss, xa)
+            xs.append(xa.detach())
+            grads.append(grad)
+            preds.append(logits.argmax(1))
+        xa, grad = torch.cat(xs), torch.cat(grads)
         if early_exit:
-            moving = logits.argmax(1) != target[active]
+            moving = torch.cat(preds) != target[active]
             active, xa, grad = active[moving], xa[moving], grad[moving]
             if len(active) == 0:
                 break
         gnorm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-        stepped = xa.detach() - step * grad / gnorm
+        stepped = xa - step * grad / gnorm
         x0 = x[active]
         x_adv[active] = (x0 + _l2_project(stepped - x0, eps)).clamp(0, 1)
     return x_adv.detach()
@@ -89,7 +108,7 @@ def make_proxy_set(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             rows = source[start:start + chunk]
             x = x_forget[rows.to(device)]
             out.append(targeted_l2_pgd(model, x, targets[start:start + chunk].to(device), eps, step, iters, gen,
-                                       early_exit))
+                                       early_exit, should_cancel))
             if on_chunk:
                 on_chunk(min(start + chunk, len(source)), len(source))
     finally:

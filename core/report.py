@@ -33,6 +33,7 @@ from . import figures as F
 from .audit.mia import MIA_DEFINITION
 from .audit.views import accuracy_rows, affinity_view, drift_view, gradcam_view, mia_view
 from .downloads import env_flag
+from .runs import storage_error, write_atomic
 
 __all__ = ["ReportResult", "build_report", "export_pngs", "find_chromium", "load_run_tolerant"]
 
@@ -204,10 +205,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, png_dir:
 
     absent = _absent_classes(labels, groups, n_classes, class_names)
     doc = _page(meta, run_dir, rep, absent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".part")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
+    # a hidden temporary file renamed into place; removed on failure (full disk: StorageError, one line)
+    write_atomic(out, doc, what="the report")
     result = ReportResult(out, rep.missing, list(rep.figs), seconds=rep.seconds, figs=rep.figs)
     if png_dir is not None:
         say("png export")
@@ -567,7 +566,10 @@ def export_pngs(figs: dict[str, go.Figure], out_dir: str | Path, *, width: int =
     except ImportError:
         return [], "PNG export skipped: kaleido is not installed"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return [], f"PNG export skipped: {storage_error(exc, 'the PNG files')}"
     specs, paths = [], []
     for name, fig in figs.items():
         path = out_dir / f"{name}.png"

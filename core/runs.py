@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import re
 import shutil
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,12 @@ from typing import Any
 import numpy as np
 
 REQUIRED_FILES = ("run.json", "audit.npz", "model.safetensors", "model.json")
+# What the Audit and Runs pages read from run.json without a fallback: a run.json without them is damaged.
+REQUIRED_METRICS = ("forget_acc", "retain_acc", "test_acc", "per_class_test_acc")
+# The original model's outputs cached under <runs root>/.cache: least recently used files go first
+# once the folder holds more than $STRUCTGUARD_CACHE_MB (0: no cache on disk).
+CACHE_DIR = ".cache"
+DEFAULT_CACHE_MB = 256
 # A run builds its folder (.<run_id>.partial) only while saving, its last few seconds, then renames it
 # into place; one older than an hour belongs to a killed process, never to a run still saving.
 PARTIAL_MAX_AGE_S = 3600
@@ -21,6 +31,71 @@ PARTIAL_MAX_AGE_S = 3600
 
 class RunError(RuntimeError):
     """A run directory is missing or damaged; the message says which part."""
+
+
+class StorageError(RunError):
+    """A write failed (full disk, read-only folder); the message names no server path."""
+
+
+_WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+        errno.EROFS: "the folder is on a read-only file system", errno.EACCES: "the folder is not writable",
+        errno.EPERM: "the folder is not writable", errno.ENOTDIR: "a file stands where a folder is needed",
+        errno.EEXIST: "a file stands where a folder is needed",
+        errno.ENOENT: "the folder does not exist", errno.EFBIG: "the file is larger than the system allows"}
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    """A one-line, path-free StorageError for an OSError raised while writing `what`."""
+    why = _WHY.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
+    hint = "free some space and try again" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
+        "make the folder writable (or choose another one) and try again"
+    return StorageError(f"could not save {what}: {why}; nothing was left behind; {hint}")
+
+
+def redact_paths(text: str) -> str:
+    """A message without absolute file-system paths (each shown as its last part): for the pages."""
+    return re.sub(r"(?<![\w.:/])/(?:[^\s/'\"`:;,()]+/)*([^\s/'\"`:;,()]+)", r"\1", str(text))
+
+
+def file_mode() -> int:
+    """The permission bits a new file gets under this process's umask (read without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+_fdopen = os.fdopen  # the OS-level file every atomic write goes through (tests make it fail like a full disk)
+
+
+def write_atomic(path: Path, data: bytes | str | None = None, *, what: str = "the file",
+                 writer=None, parents: bool = True) -> Path:
+    """Write `data` (or call writer(file object)) to a hidden temporary file beside `path`, then rename it into
+    place; on any failure the temporary file is removed and an OSError becomes a StorageError. The file gets
+    the umask's permissions, like any other file the process creates. parents=False: only the file's own
+    folder may be created (a cache beside a run never re-creates a run folder deleted meanwhile)."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=parents, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        with _fdopen(fd, "wb") as fh:
+            if writer is not None:
+                writer(fh)
+            else:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600
+        os.replace(tmp, path)
+        tmp = None
+        return path
+    except OSError as exc:
+        raise storage_error(exc, what) from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def runs_root(root: str | Path | None = None) -> Path:
@@ -40,6 +115,17 @@ def new_run_id(method: str, k: int, seed: int, root: Path) -> str:
     return run_id
 
 
+def ensure_writable(root: Path) -> None:
+    """Fail early, before minutes of work, when runs cannot be saved under `root` (StorageError)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-", suffix=".part")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise storage_error(exc, "the run") from exc
+
+
 def partial_dir(root: Path, run_id: str) -> Path:
     """Where a run is built; renamed to root/run_id only when complete."""
     path = root / f".{run_id}.partial"
@@ -47,13 +133,26 @@ def partial_dir(root: Path, run_id: str) -> Path:
     return path
 
 
-def finalize(partial: Path, meta: dict, audit: dict[str, np.ndarray]) -> Path:
-    """Write run.json and audit.npz into the partial directory, then rename it into place."""
-    np.savez_compressed(partial / "audit.npz", **audit)
-    meta = dict(meta, status="complete")
-    (partial / "run.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
-    final = partial.parent / partial.name[1:].removesuffix(".partial")
-    os.replace(partial, final)
+def finalize(partial: Path, meta: dict, audit: dict[str, np.ndarray], check=None) -> Path:
+    """Write run.json and audit.npz into the partial directory, then rename it into place.
+
+    `check()` (the run's cancel check) is called between the writes; the rename is the commit point.
+    A failed write raises StorageError; the caller discards the partial directory."""
+    check = check or (lambda: None)
+    try:
+        np.savez_compressed(partial / "audit.npz", **audit)
+        check()
+        meta = dict(meta, status="complete")
+        (partial / "run.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        mode = file_mode()
+        for f in partial.iterdir():  # one mode for every file of a run: the umask's
+            if f.is_file():
+                os.chmod(f, mode)
+        check()
+        final = partial.parent / partial.name[1:].removesuffix(".partial")
+        os.replace(partial, final)
+    except OSError as exc:
+        raise storage_error(exc, "the run") from exc
     return final
 
 
@@ -96,6 +195,30 @@ class RunRecord:
         return self.meta.get("run_id", self.path.name)
 
 
+def meta_problem(meta: object) -> str | None:
+    """What a run.json lacks that the pages and commands read without a fallback, or None."""
+    if not isinstance(meta, dict):
+        return "run.json does not describe a run"
+    if meta.get("status") != "complete":
+        return "run.json does not mark the run complete"
+    if not isinstance(meta.get("method"), str):
+        return "run.json names no method"
+    metrics = meta.get("metrics")
+    if not isinstance(metrics, dict):
+        return "run.json has no metrics"
+    for when in ("before", "after"):
+        m = metrics.get(when)
+        if not isinstance(m, dict):
+            return f"run.json has no metrics {when} unlearning"
+        lacking = [k for k in REQUIRED_METRICS if k not in m]
+        if lacking:
+            return f"run.json's metrics {when} unlearning lack {', '.join(lacking)}"
+        if not all(isinstance(m[k], (int, float)) for k in REQUIRED_METRICS[:3]) \
+                or not isinstance(m["per_class_test_acc"], list):
+            return f"run.json's metrics {when} unlearning are not numbers"
+    return None
+
+
 def _check(path: Path) -> tuple[dict | None, str | None]:
     try:
         meta = json.loads((path / "run.json").read_text())
@@ -103,12 +226,34 @@ def _check(path: Path) -> tuple[dict | None, str | None]:
         return None, "run.json is missing"
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return None, f"run.json is not valid JSON ({exc})"
-    if not isinstance(meta, dict) or meta.get("status") != "complete":
-        return (meta if isinstance(meta, dict) else None), "run.json does not mark the run complete"
+    except OSError as exc:
+        return None, f"run.json cannot be read ({exc.strerror})"
+    problem = meta_problem(meta)
+    if problem:
+        return (meta if isinstance(meta, dict) else None), problem
     missing = [f for f in REQUIRED_FILES[1:] if not (path / f).is_file()]
     if missing:
         return meta, f"missing {', '.join(missing)}"
+    try:  # reads only the archive's directory (at its end): a truncated file fails here
+        with zipfile.ZipFile(path / "audit.npz") as z:
+            z.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return meta, f"audit.npz is damaged ({exc})"
     return meta, None
+
+
+def check_run(run_dir: str | Path) -> dict:
+    """The run.json of a complete run, else RunError in one line (for the commands that take a run folder)."""
+    path = Path(run_dir)
+    hint = "give a complete run folder such as runs/<run_id>"
+    if not path.is_dir():
+        raise RunError(f"{path} is not a directory; {hint}")
+    meta, error = _check(path)
+    if error == "run.json is missing":
+        raise RunError(f"{path} is not a run folder: it has no run.json; {hint}")
+    if error:
+        raise RunError(f"{path} is damaged, not a complete run: {error}; {hint}")
+    return meta
 
 
 def list_runs(root: str | Path | None = None) -> list[RunInfo]:
@@ -135,9 +280,13 @@ def load_run(run_dir: str | Path, strict: bool = False) -> RunRecord:
         raise RunError(f"{path} is not a run directory: run.json is missing") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}/run.json is damaged: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise RunError(f"{path}/run.json is damaged: it does not describe a run")
     record = RunRecord(path, meta)
     if meta.get("status") != "complete":
         record.missing.append("status: the run did not complete")
+    elif problem := meta_problem(meta):
+        record.missing.append(problem)
     try:
         with np.load(path / "audit.npz", allow_pickle=False) as z:
             record.audit = {k: z[k] for k in z.files}
@@ -176,6 +325,65 @@ def lineage(run_dir: str | Path) -> list[dict]:
         parent = meta.get("parent_run")
         path = (path.parent / parent) if parent else None
     return chain[::-1]
+
+
+# ------------------------------------------------------------------ the original model's output cache
+
+
+def cache_limit_bytes() -> int:
+    """$STRUCTGUARD_CACHE_MB (default 256) in bytes; 0 turns the disk cache off."""
+    raw = os.environ.get("STRUCTGUARD_CACHE_MB", "").strip()
+    try:
+        mb = float(raw) if raw else DEFAULT_CACHE_MB
+    except ValueError:
+        mb = DEFAULT_CACHE_MB
+    return max(0, int(mb * 2**20)) if mb == mb else DEFAULT_CACHE_MB * 2**20  # NaN: the default
+
+
+def touch(path: Path) -> None:
+    """Mark a cache file as just used (the cache is least-recently-used by modification time)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_cache(directory: str | Path, limit: int | None = None, keep: Path | None = None) -> int:
+    """Delete the least recently used files of a cache folder until it holds at most `limit` bytes
+    (default $STRUCTGUARD_CACHE_MB); `keep` (the file just written) stays. Leftover temporary files older
+    than an hour go first. Returns the number of files removed; never raises."""
+    limit = cache_limit_bytes() if limit is None else limit
+    directory = Path(directory)
+    entries, removed, now = [], 0, time.time()
+    try:
+        paths = list(directory.iterdir())
+    except OSError:
+        return 0
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if not p.is_file():
+            continue
+        if p.name.endswith(".part") and now - st.st_mtime > PARTIAL_MAX_AGE_S:
+            p.unlink(missing_ok=True)
+            removed += 1
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and p == keep:
+            continue
+        try:
+            p.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed += 1
+    return removed
 
 
 def clean_partials(root: str | Path | None = None, older_than_s: float = PARTIAL_MAX_AGE_S) -> int:

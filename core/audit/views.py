@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,15 +59,15 @@ def _read_cache(path: Path, stamp: str) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomic write; a run folder that cannot be written (read-only, full disk) is simply not cached."""
+    """Atomic write (core.runs.write_atomic: a hidden temporary file, removed on failure, renamed into place
+    with the umask's permissions); a run folder that cannot be written (read-only, full disk) is simply
+    not cached and keeps no partial file."""
+    from ..runs import StorageError, write_atomic
+
     try:
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"audit view not cached in {path.parent}: {exc}", stacklevel=3)
+        write_atomic(path, writer=lambda f: np.savez(f, **arrays), what="the audit view cache", parents=False)
+    except StorageError as exc:
+        warnings.warn(f"audit view not cached: {exc}", stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------- drift

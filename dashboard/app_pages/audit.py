@@ -18,23 +18,44 @@ from dashboard import resources as R
 from dashboard import session as S
 
 st.title("Audit")
+if msg := st.session_state.pop("audit_download_error", None):  # set by a download's on_click (below)
+    st.error(msg, icon=":material/error:")
 root = core_runs.runs_root()
-complete = [r for r in core_runs.list_runs(root) if r.ok]
+listed = core_runs.list_runs(root)
+complete = [r for r in listed if r.ok]
+cur = S.current_run()
+ids = [r.run_id for r in complete]
+lost = cur is not None and cur.name not in ids  # the run this session was looking at is gone or damaged
+if lost:
+    damaged = {r.run_id: r.error for r in listed if not r.ok}
+    why = (f"is damaged ({core_runs.redact_paths(damaged[cur.name])})" if cur.name in damaged else
+           "was deleted (on the Runs page, by another session or outside the dashboard)")
+    st.error(f"Run `{cur.name}`, shown here before, {why}; its pictures and files are no longer available. "
+             + ("Choose another run below." if ids else ""), icon=":material/error:")
 if not complete:
-    st.info("No complete run yet. Start one on the Unlearn page.")
+    if not lost:
+        st.info("No complete run yet. Start one on the Unlearn page.")
     st.stop()
 
-ids = [r.run_id for r in complete]
-cur = S.current_run()
-idx = ids.index(cur.name) if cur is not None and cur.name in ids else 0
+idx = None if lost else (ids.index(cur.name) if cur is not None else 0)
 choice = st.selectbox("Run", ids, index=idx, key=f"audit_run_{cur.name if cur else ''}",
-                      help="★ in the caption marks runs made in this session.")
+                      placeholder="Choose a run", help="★ in the caption marks runs made in this session.")
+if choice is None:  # never switch to another run on the user's behalf
+    st.stop()
 run_dir = root / choice
 S.set_current_run(run_dir)
-rec = R.load_run(run_dir)
+try:
+    rec = R.load_run(run_dir)
+    problem = core_runs.meta_problem(rec.meta)
+except (core_runs.RunError, OSError) as exc:  # deleted or damaged after the listing above
+    problem = core_runs.redact_paths(str(exc))
+if problem:
+    st.error(f"Run `{choice}` cannot be shown: {problem}. It may have been deleted or damaged just now; "
+             "reload the page to see the runs that remain.", icon=":material/error:")
+    st.stop()
 meta, audit = rec.meta, rec.audit
 for m in rec.missing:
-    st.warning(f"This run is incomplete: {m}")
+    st.warning(f"This run is incomplete: {core_runs.redact_paths(m)}")
 classes = R.class_names(meta)
 labels, groups = audit.get("labels"), audit.get("group")
 groups = groups.astype(str) if groups is not None else None
@@ -93,23 +114,50 @@ c1, c2, c3 = st.columns(3)
 
 @st.cache_data(show_spinner="Building the HTML report ...", max_entries=8)
 def _report(path: str, mtime: float) -> bytes:
+    """The report, written to a temporary folder (the run folder may be read-only) and read back."""
+    import tempfile
+
     from core.report import build_report
 
-    res = build_report(path, drift_method=views.drift_method())
-    return Path(res.path).read_bytes()
+    with tempfile.TemporaryDirectory(prefix="structguard-report-") as tmp:
+        res = build_report(path, Path(tmp) / "report.html", drift_method=views.drift_method())
+        return Path(res.path).read_bytes()
 
 
-mtime = (run_dir / "run.json").stat().st_mtime
+def _gone(run_id: str, name: str) -> str:
+    return (f"Run `{run_id}` was deleted while it was shown (on the Runs page, by another session or outside the "
+            f"dashboard): the {name} could not be downloaded.")
+
+
+def _check_download(path: Path, name: str) -> None:
+    """on_click of a download: runs before the rerun the click causes; a file gone by then is said so
+    (the deferred read itself fails without a word in the browser)."""
+    if not path.is_file():
+        st.session_state["audit_download_error"] = _gone(path.parent.name, name)
+
+
+try:
+    mtime = (run_dir / "run.json").stat().st_mtime
+except OSError:
+    st.error(_gone(choice, "run"), icon=":material/error:")
+    st.stop()
 if c1.button("Prepare HTML report", icon=":material/description:"):
     st.session_state[f"report_{choice}"] = True
 if st.session_state.get(f"report_{choice}"):
-    c1.download_button("Download HTML report", _report(str(run_dir), mtime), file_name=f"{choice}-report.html",
-                       mime="text/html", icon=":material/download:", type="primary")
+    try:
+        report = _report(str(run_dir), mtime)
+    except (core_runs.RunError, OSError) as exc:  # full disk (StorageError) or the run deleted meanwhile
+        c1.error(f"The report could not be built: {core_runs.redact_paths(str(exc))}", icon=":material/error:")
+    else:
+        c1.download_button("Download HTML report", report, file_name=f"{choice}-report.html",
+                           mime="text/html", icon=":material/download:", type="primary")
 # Deferred downloads: the files are read only when the button is clicked.
-c2.download_button("Download weights (safetensors)", (run_dir / "model.safetensors").read_bytes,
-                   file_name=f"{choice}.safetensors", icon=":material/download:")
-c3.download_button("Download run record (run.json)", (run_dir / "run.json").read_bytes,
-                   file_name=f"{choice}-run.json", mime="application/json", icon=":material/download:")
+weights, record = run_dir / "model.safetensors", run_dir / "run.json"
+c2.download_button("Download weights (safetensors)", weights.read_bytes, file_name=f"{choice}.safetensors",
+                   icon=":material/download:", on_click=_check_download, args=(weights, "weights"))
+c3.download_button("Download run record (run.json)", record.read_bytes, file_name=f"{choice}-run.json",
+                   mime="application/json", icon=":material/download:", on_click=_check_download,
+                   args=(record, "run record"))
 
 # ---------------------------------------------------------------- sections (only the chosen one is computed)
 SECTIONS = ["Accuracy", "Drift", "Affinity", "Grad-CAM", "Membership inference", "Record"]
@@ -162,7 +210,7 @@ elif section == "Grad-CAM":
     try:
         view = R.gradcam_view(run_dir, int(n))
     except Exception as exc:  # missing parent run, unreadable model or dataset, ...
-        st.error(f"Grad-CAM unavailable: {exc}")
+        st.error(f"Grad-CAM unavailable: {core_runs.redact_paths(str(exc))}")
     else:
         for warning in view.warnings:
             st.warning(f"Warning: {warning}.")

@@ -14,8 +14,9 @@ st.title("Runs")
 root = core_runs.runs_root()
 infos = core_runs.list_runs(root)
 mine = set(S.my_runs())
-st.caption(f"Saved runs in `{root}`. Runs made in this session are marked ★. A run is written to a hidden "
-           "folder and renamed when complete, so an interrupted run never shows up as complete.")
+st.caption("Saved runs on the server. Runs made in this session are marked ★. A run is written to a hidden "
+           "folder and renamed when complete, so an interrupted run never shows up as complete; a run folder "
+           "that is not complete (a file missing or unreadable, no metrics) is listed as damaged, with the reason.")
 if not infos:
     st.info("No runs yet. Start one on the Unlearn page, or run the teaching demo on the Start page.")
     st.stop()
@@ -34,7 +35,7 @@ for info in infos:
     rows.append({
         "": "★" if info.run_id in mine else "",
         "run": info.run_id,
-        "status": "complete" if info.ok else f"damaged: {info.error}",
+        "status": "complete" if info.ok else f"damaged: {core_runs.redact_paths(info.error)}",
         "method": m.get("method"),
         "k": m.get("k", len(m.get("forget_ids", []) or [])),
         "seed": m.get("seed"),
@@ -81,8 +82,10 @@ with c3.popover(f"Delete {len(picked)} run(s)", icon=":material/delete:", disabl
         for p in picked:
             try:
                 core_runs.delete_run(p.path, root)
+            except FileNotFoundError:
+                errors.append(f"`{p.run_id}` was already deleted (by another session or outside the dashboard).")
             except (core_runs.RunError, OSError) as exc:
-                errors.append(f"{p.run_id}: {exc}")
+                errors.append(f"`{p.run_id}` could not be deleted: {core_runs.redact_paths(str(exc))}")
         if S.current_run() in {p.path for p in picked}:
             S.set_current_run(None)
         S.request_compare([])
@@ -111,7 +114,18 @@ if len(picked) == 1:
 # ---------------------------------------------------------------- comparison
 if len(ok) >= 2:
     st.subheader(f"Comparison of {len(ok)} runs")
-    records = {p.run_id: R.load_run(p.path) for p in ok}
+    records = {}
+    for p in ok:
+        try:
+            rec = R.load_run(p.path)
+        except (core_runs.RunError, OSError):  # deleted or damaged since the table was drawn
+            rec = None
+        if rec is None or core_runs.meta_problem(rec.meta):
+            st.warning(f"`{p.run_id}` is left out of the comparison: it was deleted or damaged just now.")
+            continue
+        records[p.run_id] = rec
+    if not records:
+        st.stop()
     table = {}
     for rid, rec in records.items():
         b, a = rec.meta["metrics"]["before"], rec.meta["metrics"]["after"]
