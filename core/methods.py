@@ -185,12 +185,13 @@ def default_config(method: str, dataset: str = "fashion-mnist", k: int | None = 
 
 
 def per_sample_abs_grad_mean(model: nn.Module, loss_one: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor],
-                             inputs: torch.Tensor, aux: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
+                             inputs: torch.Tensor, aux: torch.Tensor, chunk: int,
+                             check: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """mean_i |d loss_i / d psi| over samples, for every parameter psi (per-sample, via vmap).
 
     `loss_one(params, x_i, aux_i)` computes one sample's loss with `functional_call`
     (aux_i: that sample's target row). The model must be in eval mode so BatchNorm
-    uses (and keeps) its running statistics.
+    uses (and keeps) its running statistics. `check()` (a run's cancel check) is called before each chunk.
     """
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -201,6 +202,8 @@ def per_sample_abs_grad_mean(model: nn.Module, loss_one: Callable[[dict, torch.T
 
     per_sample = vmap(grad(one), in_dims=(None, 0, 0))
     for start in range(0, len(inputs), chunk):
+        if check is not None:
+            check()
         grads = per_sample(params, inputs[start:start + chunk], aux[start:start + chunk])
         for k in total:
             total[k] += grads[k].abs().sum(0)
@@ -270,8 +273,12 @@ class Context:
 def original_proxy_features(ctx: Context) -> torch.Tensor:
     """h_theta0(x_adv) for the whole proxy set, computed once per run (projector init and S_ori share it)."""
     if "f_ori" not in ctx.state:
-        x = ctx.x_adv
-        ctx.state["f_ori"] = torch.cat([ctx.original.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+        x, check, parts = ctx.x_adv, ctx.state.get("check_cancel"), []
+        for i in range(0, len(x), 512):
+            if check is not None:
+                check()
+            parts.append(ctx.original.features(x[i:i + 512]))
+        ctx.state["f_ori"] = torch.cat(parts)
     return ctx.state["f_ori"]
 
 
@@ -333,7 +340,8 @@ class L2UL(Adv):
             return functional_call(model, params, (x.unsqueeze(0),)).norm(p=2)
 
         model.eval()
-        omega = per_sample_abs_grad_mean(model, norm_of_output, x_f, x_f, ctx.config.importance_chunk)
+        omega = per_sample_abs_grad_mean(model, norm_of_output, x_f, x_f, ctx.config.importance_chunk,
+                                         ctx.state.get("check_cancel"))
         ctx.state["weights"] = {k: 1 - (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12) for k, v in omega.items()}
         ctx.state["reference"] = {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -371,6 +379,7 @@ class StructGuard(Method):
         """
         model, R, A, c = ctx.model, ctx.R, ctx.anchors, ctx.config
         s_ori, was = self._s_ori(ctx), model.training
+        check = ctx.state.get("check_cancel")  # the run's cancel check, called between batches
         t0 = time.perf_counter()
         model.eval()
         if c.importance == "per_sample":
@@ -378,11 +387,13 @@ class StructGuard(Method):
                 f = functional_call(model, params, (x.unsqueeze(0),), kwargs={"method": "features"})
                 return 1 - F.cosine_similarity(affinity(f, R, A), s0.unsqueeze(0)).squeeze(0)
 
-            imp = per_sample_abs_grad_mean(model, align_one, ctx.x_adv, s_ori, c.importance_chunk)
+            imp = per_sample_abs_grad_mean(model, align_one, ctx.x_adv, s_ori, c.importance_chunk, check)
         else:  # the authors' form: |grad| of each batch's mean align loss, weighted by batch size
             imp = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
             names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
             for i in range(0, len(ctx.x_adv), c.batch_size):
+                if check is not None:
+                    check()
                 f = model.features(ctx.x_adv[i:i + c.batch_size])
                 loss = 1 - F.cosine_similarity(affinity(f, R, A), s_ori[i:i + c.batch_size], dim=1).mean()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
