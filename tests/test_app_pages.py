@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_fashion_idx
 from streamlit.testing.v1 import AppTest
 from test_anchors_llm import FakeLLM, attrs_for
 
@@ -36,18 +37,7 @@ TIMEOUT = 120
 
 def write_subset_idx(root: Path) -> Path:
     """The bundled subset (3,000 train / 1,000 test) as IDX files: a small, fast dataset for the pages."""
-    import struct
-
-    from core.data import IDX_FILES, load_bundled_fashion
-
-    ds = load_bundled_fashion()
-    root.mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", ds.train), ("test", ds.test)):
-        for stem, arr in zip(IDX_FILES[split], (part.pixels[:, 0].numpy(), part.labels.numpy().astype(np.uint8)),
-                             strict=True):
-            head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-            (root / stem).write_bytes(head + arr.tobytes())
-    return root
+    return write_fashion_idx(root)
 
 
 @pytest.fixture(scope="module")

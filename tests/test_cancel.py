@@ -13,16 +13,14 @@ Run with `-s` to see the measured latencies.
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import write_fashion_idx
 
 from core import pipeline, runs
-from core.data import IDX_FILES, load_bundled_fashion
 from core.engine import Callbacks
 from core.models import SAMPLE_MODELS
 from core.pipeline import RunRequest, execute_run
@@ -41,14 +39,7 @@ LATENCIES: dict[str, float] = {}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The bundled subset as IDX files (ids 0..2999 / 0..999): small and fast to read."""
-    root = tmp_path_factory.mktemp("fashion")
-    ds = load_bundled_fashion()
-    for split, part in (("train", ds.train), ("test", ds.test)):
-        arrays = (part.pixels[:, 0].numpy(), part.labels.numpy().astype(np.uint8))
-        for stem, arr in zip(IDX_FILES[split], arrays, strict=True):
-            head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-            (root / stem).write_bytes(head + arr.tobytes())
-    return str(root)
+    return str(write_fashion_idx(tmp_path_factory.mktemp("fashion")))
 
 
 @pytest.fixture(scope="module", autouse=True)

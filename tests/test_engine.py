@@ -21,23 +21,21 @@ in a private mount namespace (root, or unprivileged user namespaces):
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import math
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_fashion_idx
 
 from core import runs
 from core.anchors import AnchorError, build_anchor_set, load_anchor_texts
 from core.audit.affinity import row_cosine, sample_affinity
 from core.cli_unlearn import random_forget_ids
-from core.data import IDX_FILES
 from core.encoders import get_encoder
 from core.engine import (
     Callbacks,
@@ -86,10 +84,6 @@ TERMS = {
 # ------------------------------------------------------------------ fixtures
 
 
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str | None:
     """The `data_dir` of every in-process request.
@@ -101,15 +95,9 @@ def data_dir(tmp_path_factory) -> str | None:
     full = cached_dataset("fashion-mnist", None)
     if full.source_kind == "bundled":
         return None
-    root = tmp_path_factory.mktemp("fmnist_small")
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        part = getattr(full, split)
-        assert part.ids[:n].tolist() == list(range(n))
-        images = part.pixels[:n, 0].numpy().astype(np.uint8)
-        labels = part.labels[:n].numpy().astype(np.uint8)
-        for stem, arr in zip(IDX_FILES[split], (images, labels), strict=True):
-            (root / f"{stem}.gz").write_bytes(gzip.compress(_idx_bytes(arr), compresslevel=1))
-    return str(root)
+    assert full.train.ids[:N_TRAIN].tolist() == list(range(N_TRAIN))
+    assert full.test.ids[:N_TEST].tolist() == list(range(N_TEST))
+    return str(write_fashion_idx(tmp_path_factory.mktemp("fmnist_small"), full, N_TRAIN, N_TEST, gz=True))
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,8 @@ forms are checked inside the recipes (the weight w_f, the path through the proje
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +27,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import write_fashion_idx
 
-from core.data import IDX_FILES
 from core.engine import Callbacks, anchor_map, run_unlearning, wrap
 from core.methods import L2UL, Context, UnlearnConfig, affinity, default_config
 from core.train import prepare_model, to_device_format
@@ -480,10 +478,6 @@ def test_engine_same_seed_is_bit_identical_on_cpu(sample_model, bundled_fashion)
     assert not torch.equal(logits_a, logits_c)
 
 
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-
-
 def _record_without_clocks(run_dir: Path) -> dict:
     """run.json less what may differ between two identical runs: the name, clocks, memory, the runs folder
     and the code version (a commit made meanwhile by someone else changes it)."""
@@ -502,13 +496,8 @@ def test_execute_run_same_seed_is_bit_identical_on_cpu(sample_model, bundled_fas
     run record (history, metrics, term shares, importance) and the same audit arrays; another seed does not."""
     from core.pipeline import RunRequest, execute_run
 
-    data = tmp_path / "fmnist"  # 1,000 / 200 images of the bundled subset as IDX files: quick to evaluate
-    data.mkdir()
-    for split, n in (("train", 1000), ("test", 200)):
-        part = getattr(bundled_fashion, split)
-        arrays = (part.pixels[:n, 0].numpy(), part.labels[:n].numpy().astype(np.uint8))
-        for stem, arr in zip(IDX_FILES[split], arrays, strict=True):
-            (data / f"{stem}.gz").write_bytes(gzip.compress(_idx_bytes(arr), compresslevel=1))
+    # 1,000 / 200 images of the bundled subset as IDX files: quick to evaluate
+    data = write_fashion_idx(tmp_path / "fmnist", bundled_fashion, 1000, 200, gz=True)
     ids = [5, 300, 650, 999]
 
     def once(seed: int, name: str) -> Path:

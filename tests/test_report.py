@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_fashion_idx
 
 from core.report import build_report, export_pngs, find_chromium, load_run_tolerant
 
@@ -25,27 +25,12 @@ requires_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason="/usr/bin/
                                        "(apt-get install chromium); browser checks skipped")
 
 
-def _write_idx(root: Path, fashion, n_train: int, n_test: int) -> Path:
-    """The first n images of the real splits as IDX files: the engine evaluates on the full test split,
-    and 10,000 images cost ~50 s on a busy 2-core CPU; 1,000 keep the test light."""
-    from core.data import IDX_FILES
-
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        part = getattr(fashion, split)
-        arrays = (part.pixels[:n, 0].numpy(), part.labels[:n].numpy().astype(np.uint8))
-        for stem, arr in zip(IDX_FILES[split], arrays, strict=True):
-            head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-            (root / stem).write_bytes(head + np.ascontiguousarray(arr).tobytes())
-    return root
-
-
 @pytest.fixture(scope="session")
 def neggrad_run(sample_model, fashion, tmp_path_factory) -> Path:
     """One real engine run: NegGrad on 4 real training images of a 3,000/1,000-image slice of Fashion-MNIST."""
     pipeline = pytest.importorskip("core.pipeline")
     tmp = tmp_path_factory.mktemp("report")
-    data = _write_idx(tmp / "fmnist", fashion, 3000, 1000)
+    data = write_fashion_idx(tmp / "fmnist", fashion, 3000, 1000)  # 1,000 test images keep it light
     ids = [int(i) for i in np.random.default_rng(0).choice(3000, 4, replace=False)]
     req = pipeline.RunRequest(forget_ids=ids, method="neggrad", encoder="clip-random:ViT-S-32",
                               runs_root=str(tmp / "runs"), data_dir=str(data), audit_per_class=8, retain_eval=300,

@@ -20,7 +20,6 @@ import os
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -31,9 +30,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import write_fashion_idx
 
 from core import pipeline, runs
-from core.data import FASHION_CLASSES, IDX_FILES, load_bundled_fashion, load_dataset
+from core.data import FASHION_CLASSES, load_dataset
 from core.engine import Callbacks, UnlearnedModel, UnlearnError
 from core.forget_ids import ForgetIdsError, parse_forget_ids, parse_forget_ids_file, read_forget_ids
 from core.metrics import outputs
@@ -141,14 +141,7 @@ def no_partial_files(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled subset (3,000 / 1,000) as IDX files: ids 0..2999, fast to load."""
-    root = tmp_path_factory.mktemp("fashion")
-    ds = load_bundled_fashion()
-    for split, part in (("train", ds.train), ("test", ds.test)):
-        for stem, arr in zip(IDX_FILES[split], (part.pixels[:, 0].numpy(), part.labels.numpy().astype(np.uint8)),
-                             strict=True):
-            head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-            (root / stem).write_bytes(head + arr.tobytes())
-    return root
+    return write_fashion_idx(tmp_path_factory.mktemp("fashion"))
 
 
 @pytest.fixture(scope="module")
