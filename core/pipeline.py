@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +157,12 @@ class Measured:
     audit_retain: Outputs
     audit_test: Outputs
 
-    @property
+    @cached_property
     def kept(self) -> Outputs:
         """The audit sample without the forget set: what structure preservation is judged on."""
         return Outputs.concat(self.audit_retain, self.audit_test)
 
-    @property
+    @cached_property
     def audit(self) -> Outputs:
         return Outputs.concat(self.forget, self.audit_retain, self.audit_test)
 

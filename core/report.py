@@ -30,8 +30,8 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 from . import figures as F
-from .audit.mia import MIA_DEFINITION
-from .audit.views import accuracy_rows, affinity_view, drift_view, gradcam_view, mia_view
+from .audit.mia import MIA_DEFINITION, mia_before_after
+from .audit.views import accuracy_rows, affinity_view, drift_view, gradcam_view
 from .downloads import env_flag
 from .runs import storage_error, write_atomic
 
@@ -413,7 +413,7 @@ def _gradcam_section(rep: _Report, run_dir: Path, meta: dict, audit: dict, class
 
 def _mia_section(rep: _Report, audit: dict) -> None:
     rep.section("mia", "Membership inference", "")
-    res = mia_view(audit)
+    res = mia_before_after(audit)
     if not res:
         rep.note_missing("membership inference (audit.npz lacks retain/test/forget confidences)")
     else:

@@ -23,10 +23,9 @@ import numpy as np
 
 from .affinity import anchor_similarity, class_mean_affinity, row_cosine, row_cosine_summary, sample_affinity
 from .drift import DriftResult, embedding_drift, project_snapshots
-from .mia import MIAResult, mia_before_after
 
 __all__ = ["ACCURACY_ROWS", "AffinityView", "DriftView", "GradCamView", "accuracy_rows", "affinity_view",
-           "drift_method", "drift_view", "gradcam_view", "mia_view"]
+           "drift_method", "drift_view", "gradcam_view"]
 
 VIEW_VERSION = 2  # bump when a view's computation changes: older caches are then ignored
 ACCURACY_ROWS = (("forget_acc", "Forget accuracy A_f (%)", "down"), ("retain_acc", "Retain accuracy A_r (%)", "up"),
@@ -275,7 +274,7 @@ def gradcam_view(run_dir: str | Path, audit: dict[str, np.ndarray], meta: dict, 
                        ids[rows], labels[rows], str(cached["source"]), notes, [str(n) for n in cached["warnings"]])
 
 
-# ----------------------------------------------------------------------------------- metrics and MIA
+# ------------------------------------------------------------------------------------------ metrics
 
 
 def accuracy_rows(meta: dict) -> list[dict]:
@@ -292,8 +291,3 @@ def accuracy_rows(meta: dict) -> list[dict]:
                     "delta": a - b if all(isinstance(v, (int, float)) for v in (a, b)) else None,
                     "retrain": r, "gap": a - r if num else None})
     return out
-
-
-def mia_view(audit: dict[str, np.ndarray]) -> dict[str, MIAResult]:
-    """The confidence attack before and after (core.audit.mia); sides without their arrays are absent."""
-    return mia_before_after(audit)

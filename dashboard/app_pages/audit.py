@@ -13,7 +13,7 @@ from core import figures as F
 from core import runs as core_runs
 from core.audit import views
 from core.audit.gradcam import overlay
-from core.audit.mia import MIA_DEFINITION
+from core.audit.mia import MIA_DEFINITION, mia_before_after
 from dashboard import resources as R
 from dashboard import session as S
 
@@ -226,7 +226,7 @@ elif section == "Grad-CAM":
         st.caption(f"Maps for the true label; 'before' is the {view.before_source}.")
 
 elif section == "Membership inference":
-    res = views.mia_view(audit)
+    res = mia_before_after(audit)
     if not res:
         st.warning("This run lacks the confidence arrays the attack needs.")
     else:
