@@ -85,6 +85,7 @@ class RunRequest:
     snapshot_every: int = 0                     # audit-sample snapshot every N steps; 0 = about 30 over the run
     device: str | None = None
     uploads: list[tuple[np.ndarray, int]] = field(default_factory=list)  # user images (uint8 CxHxW, label)
+    owner: str | None = None                    # sha256 of the dashboard session's owner secret; None: command line
 
 
 # ------------------------------------------------------------------------------ values between stages
@@ -367,6 +368,7 @@ def resolve(request: RunRequest, cb: Callbacks | None = None) -> Resolved:
     With callbacks, cancel is checked between the loads and answered within 50 ms during each of them."""
     from .encoders import get_encoder  # imported when used: open_clip and transformers are slow to import
 
+    runs.owner_record(request.owner)  # a malformed owner is refused now, not after the work
     where = "loading"
     ds = _interruptible(lambda: cached_dataset(request.dataset, request.data_dir), cb, where)
     start = _interruptible(lambda: load_start(request), cb, where)
@@ -586,7 +588,8 @@ def run_meta(res: Resolved, run_id: str, weights_card: dict, metrics: dict, unl:
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "platform": platform.platform(), "device": str(res.device),
                         "cuda": torch.cuda.get_device_name(0) if res.device.type == "cuda" else None},
-        "request": {k: v for k, v in asdict(req).items() if k not in ("uploads", "anchor_texts")},
+        "owner": runs.owner_record(req.owner),  # who may delete and share it (core/runs.py, ownership)
+        "request": {k: v for k, v in asdict(req).items() if k not in ("uploads", "anchor_texts", "owner")},
         "metrics": metrics,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         # the run's own peak (sampled while it ran), not the process's lifetime maximum

@@ -1,16 +1,22 @@
-"""Run directories: written atomically, listed (damaged ones as damaged), loaded, deleted, traced."""
+"""Run directories: written atomically, listed (damaged ones as damaged), loaded, deleted, traced; who owns a
+run and who may read it (the dashboard's sessions, the command line, share links)."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
+import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,11 +78,12 @@ _fdopen = os.fdopen  # the OS-level file every atomic write goes through (tests 
 
 
 def write_atomic(path: Path, data: bytes | str | None = None, *, what: str = "the file",
-                 writer=None, parents: bool = True) -> Path:
+                 writer=None, parents: bool = True, mode: int | None = None, exclusive: bool = False) -> Path:
     """Write `data` (or call writer(file object)) to a hidden temporary file beside `path`, then rename it into
     place; on any failure the temporary file is removed and an OSError becomes a StorageError. The file gets
-    the umask's permissions, like any other file the process creates. parents=False: only the file's own
-    folder may be created (a cache beside a run never re-creates a run folder deleted meanwhile)."""
+    the umask's permissions, like any other file the process creates, unless `mode` is given. parents=False:
+    only the file's own folder may be created (a cache beside a run never re-creates a run folder deleted
+    meanwhile). exclusive=True: an existing file is kept and FileExistsError raised (first writer wins)."""
     path = Path(path)
     tmp = None
     try:
@@ -87,10 +94,17 @@ def write_atomic(path: Path, data: bytes | str | None = None, *, what: str = "th
                 writer(fh)
             else:
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, file_mode())  # mkstemp creates 0600
-        os.replace(tmp, path)
-        tmp = None
+        os.chmod(tmp, file_mode() if mode is None else mode)  # mkstemp creates 0600
+        if exclusive:
+            os.link(tmp, path)  # fails when the file exists; the temporary name is removed below
+        else:
+            os.replace(tmp, path)
+            tmp = None
         return path
+    except FileExistsError as exc:
+        if exclusive:
+            raise
+        raise storage_error(exc, what) from exc
     except OSError as exc:
         raise storage_error(exc, what) from exc
     finally:
@@ -177,10 +191,26 @@ class RunInfo:
     status: str  # "complete" or "damaged"
     meta: dict | None = None
     error: str | None = None
+    origin: str = "unrecorded"  # who made it, from run.json: "session", "cli" or "unrecorded"
+    owner: str | None = None  # origin "session": sha256 of the owning session's secret
+    access: str = "read"  # for the session that listed it (visible_runs): "own" or "read"
+    shared: bool = False  # its owner shares it by link (visible_runs)
 
     @property
     def ok(self) -> bool:
         return self.status == "complete"
+
+    @property
+    def own(self) -> bool:
+        return self.access == "own"
+
+    @property
+    def origin_label(self) -> str:
+        """Where the run comes from, as the pages say it."""
+        if self.own:
+            return "this session" + (" (shared by link)" if self.shared else "")
+        return {"session": "shared by another session", "cli": "CLI",
+                "unrecorded": "unknown (no owner recorded)"}[self.origin]
 
 
 @dataclass
@@ -266,7 +296,8 @@ def list_runs(root: str | Path | None = None) -> list[RunInfo]:
         if not path.is_dir() or path.name.startswith("."):
             continue
         meta, error = _check(path)
-        out.append(RunInfo(path.name, path, "damaged" if error else "complete", meta, error))
+        origin, owner = run_origin(meta)
+        out.append(RunInfo(path.name, path, "damaged" if error else "complete", meta, error, origin, owner))
     return sorted(out, key=lambda r: r.run_id, reverse=True)
 
 
@@ -311,8 +342,9 @@ def delete_run(run_dir: str | Path, root: str | Path | None = None) -> None:
     shutil.rmtree(path)
 
 
-def lineage(run_dir: str | Path) -> list[dict]:
-    """The chain of runs from the first request to this one (oldest first)."""
+def lineage(run_dir: str | Path, visible: set[str] | None = None) -> list[dict]:
+    """The chain of runs from the first request to this one (oldest first). With `visible` (the run ids a
+    session may see), another session's run is an entry that says only that: its id and record stay private."""
     chain, path, seen = [], Path(run_dir), set()
     while path is not None and path.name not in seen:
         seen.add(path.name)
@@ -321,10 +353,186 @@ def lineage(run_dir: str | Path) -> list[dict]:
         except (FileNotFoundError, json.JSONDecodeError):
             chain.append({"run_id": path.name, "missing": True})
             break
-        chain.append(meta)
+        if visible is not None and path.name not in visible:
+            chain.append({"run_id": f"a run of another session ({len(chain)} back)", "hidden": True})
+        else:
+            chain.append(meta)
         parent = meta.get("parent_run")
         path = (path.parent / parent) if parent else None
     return chain[::-1]
+
+
+# ------------------------------------------------------------------ ownership and sharing
+#
+# The rule (README, "What is private and what is shared"):
+# - A run made in a dashboard session records {"kind": "session", "sha256": sha256(owner secret)} in run.json.
+#   The owner secret is HMAC(server key, the session's URL token): the server key lives in <runs root>/.owner-key
+#   (mode 0600) and the secret in the session's state, so neither the URL nor run.json reveals it. The dashboard
+#   lets only one live browser session hold a token (dashboard/session.py): a copied URL opened while its owner's
+#   page is open gets a new, empty session; opened after that page is gone (a reload), it is that session.
+# - Only the owner lists, deletes and shares its runs. Runs from the command line ({"kind": "cli"}) and runs
+#   that record no owner (made before owners were recorded, or an unreadable run.json) are read-only for every
+#   session. A shared run is read-only for the sessions that opened its link.
+# - Sharing writes share.json with sha256 of the share key, HMAC(owner secret, run id): the owner can show the
+#   same link again, nobody else can make it; removing share.json ends every link at once.
+
+OWNER_KEY_FILE = ".owner-key"
+SHARE_FILE = "share.json"
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+class ReadOnlyRun(RunError):
+    """The session asking is not the run's owner: it may read the run (if it sees it), not change it."""
+
+
+def owner_hash(secret: str) -> str:
+    """What a run records of its owner: sha256 of the owner secret, in hex."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def owner_record(owner: str | None) -> dict:
+    """run.json's "owner": the owning session's secret hash, or the command line when None."""
+    if owner is None:
+        return {"kind": "cli"}
+    if not (isinstance(owner, str) and re.fullmatch(r"[0-9a-f]{64}", owner)):
+        raise ValueError("owner must be the sha256 hex digest of a session's owner secret")
+    return {"kind": "session", "sha256": owner}
+
+
+def run_origin(meta: object) -> tuple[str, str | None]:
+    """(origin, owner hash) of a run.json: ("session", sha256), ("cli", None) or ("unrecorded", None)."""
+    owner = meta.get("owner") if isinstance(meta, dict) else None
+    if isinstance(owner, dict):
+        if owner.get("kind") == "session" and isinstance(owner.get("sha256"), str):
+            return "session", owner["sha256"]
+        if owner.get("kind") == "cli":
+            return "cli", None
+    return "unrecorded", None
+
+
+@functools.cache
+def _fallback_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+@functools.cache
+def _server_key(path: str) -> bytes:
+    key_file = Path(path)
+    try:
+        write_atomic(key_file, secrets.token_hex(32), what="the owner key", mode=0o600, exclusive=True)
+    except FileExistsError:
+        pass  # made earlier, or by another process just now: the file on disk is the key
+    except StorageError:
+        return _fallback_key()  # a runs folder that cannot be written holds no runs to own either
+    try:
+        key = key_file.read_text().strip()
+    except OSError:
+        return _fallback_key()
+    return bytes.fromhex(key) if re.fullmatch(r"[0-9a-f]{64}", key) else _fallback_key()
+
+
+def owner_secret(token: str, root: str | Path | None = None) -> str:
+    """The owner secret of a dashboard session token: HMAC(the runs root's server key, token), in hex.
+    When the key cannot be kept on disk, a key of this process is used (owners then last as long as it)."""
+    key = _server_key(str(runs_root(root).resolve() / OWNER_KEY_FILE))
+    return hmac.new(key, token.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def share_key(secret: str, run_id: str) -> str:
+    """The key of a run's share link: only its owner can make it, and the owner always makes the same one."""
+    digest = hmac.new(secret.encode("utf-8"), f"share:{run_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:18]).decode("ascii")
+
+
+def run_path(root: str | Path | None, run_id: object) -> Path | None:
+    """root/run_id for a run id given from outside (a link), else None: a plain name, never a path."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        return None
+    return runs_root(root) / run_id
+
+
+def _owner_of(path: Path) -> tuple[str, str | None]:
+    try:
+        return run_origin(json.loads((path / "run.json").read_text()))
+    except (OSError, ValueError):
+        return "unrecorded", None
+
+
+def require_owner(run_dir: str | Path, secret: str | None) -> None:
+    """ReadOnlyRun unless `secret` is the owner secret the run records (the check before any change)."""
+    path = Path(run_dir)
+    origin, owner = _owner_of(path)
+    if secret and origin == "session" and hmac.compare_digest(owner or "", owner_hash(secret)):
+        return
+    why = {"cli": "it was made from the command line",
+           "unrecorded": "it records no owner"}.get(origin, "it belongs to another session")
+    raise ReadOnlyRun(f"run {path.name} is read-only here: {why}")
+
+
+def is_shared(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / SHARE_FILE).is_file()
+
+
+def share_run(run_dir: str | Path, secret: str | None) -> str:
+    """Share one of the caller's runs by link; returns the link's key (the same key every time)."""
+    path = Path(run_dir)
+    require_owner(path, secret)
+    key = share_key(secret, path.name)
+    record = {"key_sha256": hashlib.sha256(key.encode("ascii")).hexdigest(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if not is_shared(path):  # a second share keeps the first date
+        write_atomic(path / SHARE_FILE, json.dumps(record) + "\n", what="the share record", parents=False)
+    return key
+
+
+def unshare_run(run_dir: str | Path, secret: str | None) -> None:
+    """End every link to one of the caller's runs."""
+    path = Path(run_dir)
+    require_owner(path, secret)
+    try:
+        (path / SHARE_FILE).unlink(missing_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, "the share record") from exc
+
+
+def check_share_key(run_dir: str | Path, key: object) -> bool:
+    """Whether `key` opens this run: the run is a session's, shared now, and the key is its share key."""
+    path = Path(run_dir)
+    if not isinstance(key, str) or not key or _owner_of(path)[0] != "session":
+        return False
+    try:
+        record = json.loads((path / SHARE_FILE).read_text())
+        stored = str(record["key_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return hmac.compare_digest(hashlib.sha256(key.encode("utf-8", "replace")).hexdigest(), stored)
+
+
+def visible_runs(root: str | Path | None, secret: str | None, grants: Mapping[str, str] | None = None) -> list[RunInfo]:
+    """The runs a dashboard session may see, newest first: its own (access "own"), those from the command line
+    or with no owner recorded, and other sessions' runs whose share key it holds in `grants` (run id -> key)
+    and that are still shared (access "read"). Other sessions' runs are left out, damaged ones included."""
+    mine = owner_hash(secret) if secret else None
+    grants = grants or {}
+    out = []
+    for info in list_runs(root):
+        if info.origin == "session":
+            if mine is not None and hmac.compare_digest(info.owner or "", mine):
+                info.access, info.shared = "own", is_shared(info.path)
+            elif info.run_id in grants and check_share_key(info.path, grants[info.run_id]):
+                info.shared = True
+            else:
+                continue
+        out.append(info)
+    return out
+
+
+def delete_own_run(run_dir: str | Path, secret: str | None, root: str | Path | None = None) -> None:
+    """delete_run for a dashboard session: only a run it owns (ReadOnlyRun otherwise)."""
+    if not Path(run_dir).exists():
+        raise FileNotFoundError(Path(run_dir).name)
+    require_owner(run_dir, secret)
+    delete_run(run_dir, root)
 
 
 # ------------------------------------------------------------------ the original model's output cache
