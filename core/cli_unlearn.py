@@ -185,7 +185,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 # Bench variants: "method" or "method:variant"; each variant is a set of config overrides.
 VARIANTS: dict[str, dict] = {"": {}, "paper": {"schedule": "paper"}, "no-sa": {"sa": False},
-                             "no-sr": {"sr": False}, "no-cr": {"cr": False}}
+                             "no-sr": {"sr": False}, "no-cr": {"cr": False}, "no-mix": {"mix_weight": 0.0}}
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 

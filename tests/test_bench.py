@@ -37,7 +37,8 @@ def test_fmt_mean_std_and_interval():
 def test_variants_parse_and_refuse_unknown():
     assert _variant("structguard:paper") == ("structguard", {"schedule": "paper"})
     assert _variant("structguard:no-sr") == ("structguard", {"sr": False})
-    assert set(VARIANTS) == {"", "paper", "no-sa", "no-sr", "no-cr"}
+    assert set(VARIANTS) == {"", "paper", "no-sa", "no-sr", "no-cr", "no-mix"}
+    assert _variant("adv:no-mix") == ("adv", {"mix_weight": 0.0})
     with pytest.raises(UnlearnError, match="unknown bench entry"):
         _variant("structguard:fast")
 

@@ -23,6 +23,9 @@ FIELDS: list[tuple[str, str, str]] = [
     ("batch_size", "Batch size", "Forget batch and proxy batch size."),
     ("lam", "λ (importance regulariser)", "Weight of the weight-importance term (L2UL, StructGuard SR)."),
     ("momentum", "Momentum", "SGD momentum."),
+    ("mix_weight", "Mixture retention weight", "Adv, L2UL, StructGuard: keep the original model's answers on blends "
+                                               "of two forget images (0 = off). It holds off the collapse to one "
+                                               "class on large forget sets; forgetting takes more passes."),
 ]
 INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size"}
 ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
@@ -77,7 +80,7 @@ if method == "structguard":
         col.toggle(label, key=f"un_{k}", help=help_)
 
 shown = [f for f in FIELDS if not (f[0] == "projector_lr" and not METHODS[method].uses_projector)
-         and not (f[0] in ("n_adv", "eps", "pgd_iters", "pgd_step") and not METHODS[method].needs_proxy)
+         and not (f[0] in ("n_adv", "eps", "pgd_iters", "pgd_step", "mix_weight") and not METHODS[method].needs_proxy)
          and not (f[0] == "lam" and method not in ("l2ul", "structguard"))]
 with st.expander("Hyperparameters", expanded=not widgets.busy()):
     cols = st.columns(3)
