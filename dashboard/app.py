@@ -37,6 +37,9 @@ nav = st.navigation([
     st.Page(PAGES / "audit.py", title="Audit", icon=":material/fact_check:", url_path="audit"),
     st.Page(PAGES / "runs.py", title="Runs", icon=":material/history:", url_path="runs"),
 ])
+if S.accept_share_link() and nav.url_path != "audit":  # a share link opens its run's Audit view
+    st.switch_page(PAGES / "audit.py")
+S.show_notice()
 
 with st.sidebar:
     st.caption("This session")

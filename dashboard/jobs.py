@@ -2,7 +2,8 @@
 
 Jobs are kept in a process-wide registry keyed by the session's random token, so that a
 page reload (same URL, `?s=<token>`) re-attaches to its own run, while another live browser
-session never can.
+session never can: one live session holds a token at a time (session.session_token), and a
+job watched by another live session is neither shown nor replaced here.
 
 Rule: the worker thread touches only its `Job` and core. It never calls a Streamlit
 function, not even the caches in dashboard.resources: whatever the work needs from them is
@@ -67,18 +68,6 @@ def registry() -> dict[str, Job]:
     return {}
 
 
-def session_alive(session_id: str | None) -> bool:
-    """Whether a browser is still connected to that Streamlit session."""
-    if session_id is None:
-        return False
-    try:
-        from streamlit.runtime import Runtime
-
-        return Runtime.instance().is_active_session(session_id)
-    except Exception:  # no runtime (AppTest): treat as alive
-        return True
-
-
 def current_job() -> Job | None:
     """This session's job, re-attached after a reload when its old session is gone."""
     job = registry().get(session.session_token())
@@ -86,7 +75,7 @@ def current_job() -> Job | None:
         return None
     me = session.session_id()
     if job.owner != me:
-        if job.owner is not None and session_alive(job.owner[0]):
+        if job.owner is not None and session.session_alive(job.owner[0]):
             return None  # another live session holds this token (e.g. a copied URL): do not mix
         job.owner = me
         st.session_state.reattached = True
@@ -98,7 +87,10 @@ def start_job(label: str, work: Callable[[Job], list[Path | str]]) -> Job:
 
     `work` runs outside the script thread: it may call core and the job's callbacks only.
     """
-    job = Job(token=session.session_token(), label=label, owner=session.session_id())
+    token = session.session_token()
+    if current_job() is None and (held := registry().get(token)) is not None and held.status == "running":
+        raise RuntimeError("another open session is running a job under this link")  # never replace it
+    job = Job(token=token, label=label, owner=session.session_id())
 
     def target() -> None:
         try:

@@ -2,20 +2,29 @@
 
 Everything here lives in `st.session_state`, so two browser sessions never see each
 other's work: the forget selection, uploads, anchor texts and encoder, the current run,
-the runs picked for comparison, this session's runs, queued messages, and the session's
-token (mirrored in the URL as `?s=<token>` so that a reload finds its background job again).
+the runs picked for comparison, queued messages, and the session's token (mirrored in the
+URL as `?s=<token>` so that a reload finds its background job and its runs again).
+
+One live browser session holds a token at a time (`session_token`): a URL copied from an open
+page gives a new, empty session, never the owner's job or runs. The owner secret derived from
+the token (core.runs.owner_secret) stays in session state and decides which saved runs are this
+session's (core/runs.py, "ownership and sharing", states the whole rule).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streamlit as st
+
+from core import runs as core_runs
 
 
 def _ss(key: str, factory: Any) -> Any:
@@ -27,14 +36,110 @@ def _ss(key: str, factory: Any) -> Any:
 # ------------------------------------------------------------------ identity
 
 
+@dataclass
+class Claim:
+    """The browser session that holds a token now, and the share links opened under it (they outlive a reload)."""
+
+    holder: tuple[str | None, str]  # session_id() of the holder
+    grants: dict[str, str] = field(default_factory=dict)  # run id -> share key
+
+
+_CLAIMS_LOCK = threading.Lock()
+
+
+@st.cache_resource
+def claims() -> dict[str, Claim]:
+    """token -> its claim, for the whole process (the dict is cached, its entries are per token)."""
+    return {}
+
+
+def session_alive(session_id: str | None) -> bool:
+    """Whether a browser is still connected to that Streamlit session."""
+    if session_id is None:
+        return False
+    try:
+        from streamlit.runtime import Runtime
+
+        return Runtime.instance().is_active_session(session_id)
+    except Exception:  # no runtime (AppTest): treat as alive
+        return True
+
+
+def _claim(given: str | None) -> str:
+    """The token this session holds from now on: `given` unless another live session holds it."""
+    me = session_id()
+    with _CLAIMS_LOCK:
+        table = claims()
+        held = table.get(given) if given else None
+        if given and (held is None or held.holder[1] == me[1] or not session_alive(held.holder[0])):
+            table[given] = Claim(me, held.grants if held else {})  # first visit, or a reload: same workspace
+            return given
+        token = secrets.token_hex(8)
+        table[token] = Claim(me)
+        return token
+
+
+COPIED = ("This page's link belongs to a session that is open elsewhere, so this is a new, empty session: its "
+          "job and runs stay with that session. To show someone a run, use “Share this run” on the Audit page.")
+
+
 def session_token() -> str:
-    """Random per-session token, mirrored in the URL (?s=...) so a reload finds its run again."""
-    if "token" not in st.session_state:
+    """Random per-session token, mirrored in the URL (?s=...) so a reload finds its job and runs again.
+
+    A token that another live session holds (a copied URL) is never taken over: this session gets a new one.
+    A session whose token was taken while its browser was away (the copy opened then) moves to a new one too."""
+    token = st.session_state.get("token")
+    if token is None:
         given = st.query_params.get("s")
-        st.session_state.token = given if given and len(given) == 16 else secrets.token_hex(8)
-    if st.query_params.get("s") != st.session_state.token:
-        st.query_params["s"] = st.session_state.token
-    return st.session_state.token
+        given = given if isinstance(given, str) and re.fullmatch(r"[0-9a-f]{16}", given) else None
+        token = _claim(given)
+        if given is not None and token != given:
+            notice("info", COPIED)
+    else:
+        held = claims().get(token)
+        if held is None or held.holder[1] != session_id()[1]:
+            token = _claim(token)
+            if token != st.session_state.token:
+                notice("info", COPIED)
+    if token != st.session_state.get("token"):
+        st.session_state.token = token
+        st.session_state.owner_secret = core_runs.owner_secret(token, core_runs.runs_root())
+    if st.query_params.get("s") != token:
+        st.query_params["s"] = token
+    return token
+
+
+def owner_secret() -> str:
+    """This session's owner secret (core.runs.owner_secret of its token); never put in the URL."""
+    session_token()
+    return st.session_state.owner_secret
+
+
+def grants() -> dict[str, str]:
+    """Share links this session's token opened: run id -> key (checked again whenever runs are listed)."""
+    token = session_token()
+    with _CLAIMS_LOCK:
+        claim = claims().get(token)
+        return claim.grants if claim is not None else {}
+
+
+def accept_share_link() -> bool:
+    """A share link (?run=<run id>&key=<key>) gives this session read access to that run and shows it;
+    a link that opens nothing says so. True when a run was opened. The key leaves the address bar."""
+    run_id, key = st.query_params.get("run"), st.query_params.get("key")
+    if run_id is None and key is None:
+        return False
+    for name in ("run", "key"):
+        if name in st.query_params:
+            del st.query_params[name]
+    path = core_runs.run_path(core_runs.runs_root(), run_id)
+    if path is None or not core_runs.check_share_key(path, key):
+        notice("error", "This share link opens no run: the run was deleted, its owner stopped sharing it, "
+                       "or the link is incomplete.")
+        return False
+    grants()[path.name] = str(key)
+    set_current_run(path)
+    return True
 
 
 def session_id() -> tuple[str | None, str]:
@@ -121,17 +226,22 @@ def request_compare(run_ids: list[str]) -> None:
     st.session_state.runs_rev = st.session_state.get("runs_rev", 0) + 1
 
 
-def my_runs() -> list[str]:
-    """Run ids created by this session (for marking them on the Runs page)."""
-    return _ss("my_runs", list)
-
-
 # ------------------------------------------------------------------ messages and widgets
 
 
 def flash(kind: str, message: str) -> None:
     """Queue a message for the next script run (survives st.rerun)."""
     _ss("flash", list).append((kind, message))
+
+
+def notice(kind: str, message: str) -> None:
+    """A message about the session itself (its link, a share link), shown once above the next page."""
+    st.session_state.session_notice = (kind, message)
+
+
+def show_notice() -> None:
+    if item := st.session_state.pop("session_notice", None):
+        getattr(st, item[0])(item[1])
 
 
 def show_flash() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from core.runs import runs_root
+from core.runs import owner_hash, runs_root
 from dashboard import jobs
 from dashboard import resources as R
 from dashboard import session as S
@@ -31,8 +31,11 @@ def _callbacks(job: jobs.Job, i: int, n: int, tag: str) -> Any:
 
 
 def make_request(**fields: Any) -> Any:
-    """A core.pipeline.RunRequest from keyword fields (None values left to core's defaults)."""
+    """A core.pipeline.RunRequest from keyword fields (None values left to core's defaults), owned by this
+    session: the run records the hash of its owner secret."""
     from core.pipeline import RunRequest
+
+    fields.setdefault("owner", owner_hash(S.owner_secret()))
 
     known = {f.name for f in dataclasses.fields(RunRequest)}
     unknown = {k for k, v in fields.items() if k not in known and v is not None}
@@ -157,13 +160,12 @@ def sidebar_job() -> None:
 
 
 def finish_job(job: jobs.Job) -> None:
-    """Once per finished job: remember its runs in this session and open the follow-up page."""
+    """Once per finished job: show its last run and open the follow-up page."""
     snap = job.snapshot()
     if snap["status"] != "done" or not snap["run_dirs"] or job.handled:
         return
     job.handled = True
     ids = [d.name for d in snap["run_dirs"]]
-    S.my_runs().extend(i for i in ids if i not in S.my_runs())
     S.set_current_run(snap["run_dirs"][-1])
     if len(ids) > 1:
         S.request_compare(ids)
@@ -210,3 +212,39 @@ def drift_figure(rec: Any, key: str) -> None:
     result = R.drift_view(rec.path).result
     st.plotly_chart(drift_scatter(result.before, result.after, result.labels, result.groups,
                                   R.class_names(rec.meta), method=result.method), key=key)
+
+
+def share_link(run_id: str, key: str) -> str:
+    """The address that opens one run's Audit view read-only: this app's address, its audit page, the key."""
+    from urllib.parse import urlencode, urlsplit
+
+    parts = urlsplit(st.context.url or "")
+    path = parts.path.rstrip("/")
+    if path.rsplit("/", 1)[-1] in PAGE_PATHS:  # the page this session is on; the link names the audit page
+        path = path.rsplit("/", 1)[0]
+    base = f"{parts.scheme}://{parts.netloc}{path}" if parts.netloc else path
+    return f"{base}/audit?{urlencode({'run': run_id, 'key': key})}"
+
+
+PAGE_PATHS = ("forget", "anchors", "unlearn", "audit", "runs")  # url_path of every page but the default one
+
+
+def share_panel(info: Any) -> None:
+    """Share one of this session's runs by link, show the link again, or stop sharing it (core.runs)."""
+    from core import runs as core_runs
+
+    with st.popover("Share this run", icon=":material/share:"):
+        st.caption("Anyone with the link can open this run's Audit view and download its files; nobody but this "
+                   "session can delete it. Stopping ends every link at once.")
+        try:
+            if info.shared:
+                key = core_runs.share_key(S.owner_secret(), info.run_id)
+                st.code(share_link(info.run_id, key), language=None)
+                if st.button("Stop sharing", key="share_stop"):
+                    core_runs.unshare_run(info.path, S.owner_secret())
+                    st.rerun()
+            elif st.button("Make a share link", key="share_make", type="primary"):
+                core_runs.share_run(info.path, S.owner_secret())
+                st.rerun()
+        except (core_runs.RunError, OSError) as exc:  # read-only disk, the run deleted meanwhile
+            st.error(f"Could not change sharing: {core_runs.redact_paths(str(exc))}")

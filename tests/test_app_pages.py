@@ -513,14 +513,24 @@ def test_audit_sections(app_env, saved_run) -> None:
 def test_runs_table_compare_damaged_lineage_continue_delete(app_env, saved_run) -> None:
     root = Path(app_env["STRUCTGUARD_RUNS"])
     child = make_real_run(root, app_env["STRUCTGUARD_MODEL"], "structguard", [40], parent=saved_run.name, seed=1)
-    damaged = root / "20000101-000000-neggrad-k1-s0"
-    damaged.mkdir(parents=True, exist_ok=True)
-    (damaged / "run.json").write_text("{not json")
     at = new_app()
+    unreadable = root / "20000101-000000-neggrad-k1-s0"  # nobody can tell whose: read-only for every session
+    unreadable.mkdir(parents=True, exist_ok=True)
+    (unreadable / "run.json").write_text("{not json")
+    damaged = root / "20000101-000001-neggrad-k1-s0"  # this session's, without metrics
+    damaged.mkdir(parents=True, exist_ok=True)
+    (damaged / "run.json").write_text(json.dumps(
+        {"run_id": damaged.name, "status": "complete", "method": "neggrad",
+         "owner": runs.owner_record(runs.owner_hash(at.session_state.owner_secret))}))
     at.switch_page("app_pages/runs.py").run()
     no_exceptions(at)
     table = at.dataframe[0].value
-    assert any(str(s).startswith("damaged") for s in table["status"])
+    assert [str(s)[:7] for s in table["status"][-2:]] == ["damaged", "damaged"]
+    origins = dict(zip(table["run"], table["origin"], strict=True))
+    assert {r: origins[r] for r in (child.name, saved_run.name, damaged.name, unreadable.name)} == {
+        child.name: "CLI", saved_run.name: "CLI", damaged.name: "this session",
+        unreadable.name: "unknown (no owner recorded)"}
+    assert "shared by another session" not in origins.values()  # earlier tests' sessions' runs are not listed
     ids = list(table["run"])
 
     at.session_state.compare_runs = [saved_run.name, child.name]
@@ -539,13 +549,20 @@ def test_runs_table_compare_damaged_lineage_continue_delete(app_env, saved_run) 
     assert at.session_state.continue_from == str(child)
 
     at.switch_page("app_pages/runs.py").run()
-    at.session_state.compare_runs = [damaged.name]
+    at.session_state.compare_runs = [unreadable.name]
     at.session_state.runs_rev = 3
+    at.run()
+    assert any("Read-only here" in c.value for c in at.caption)
+    next(b for b in at.button if b.label == "Delete for good").click().run()
+    assert unreadable.is_dir() and any("read-only here: it records no owner" in e.value for e in at.error)
+    at.session_state.compare_runs = [damaged.name]
+    at.session_state.runs_rev = 4
     at.run()
     next(b for b in at.button if b.label == "Delete for good").click().run()
     no_exceptions(at)
     assert not damaged.exists() and child.exists()
-    assert len(ids) == len([p for p in root.iterdir() if not p.name.startswith(".")]) + 1
+    assert [i.run_id for i in runs.visible_runs(root, at.session_state.owner_secret)] == \
+        [i for i in ids if i != damaged.name]
 
 
 # ---------------------------------------------------------------- isolation
@@ -566,19 +583,29 @@ def test_two_sessions_never_share_selection_or_jobs(app_env, monkeypatch) -> Non
     next(x for x in a.button if x.label == "Start unlearning").click().run()
     b.switch_page("app_pages/unlearn.py").run()
     assert not b.get("progress"), "session B must not see A's job"
-    from dashboard import jobs
+    from dashboard import jobs, session
 
-    # A third session that copies A's URL token (?s=...) while A is alive does not get A's job ...
-    monkeypatch.setattr(jobs, "session_alive", lambda sid: True)
+    # A third session that copies A's URL token (?s=...) while A is alive gets a token of its own: it neither
+    # sees A's job nor can replace it by starting one ...
+    monkeypatch.setattr(session, "session_alive", lambda sid: True)
     c = AppTest.from_file(APP, default_timeout=TIMEOUT)
     c.query_params["s"] = a.session_state.token
     c.run()
+    c.session_state.selection = {7}
     c.switch_page("app_pages/unlearn.py").run()
-    assert c.session_state.token == a.session_state.token and not c.get("progress")
+    assert c.session_state.token != a.session_state.token and not c.get("progress")
+    next(x for x in c.button if x.label == "Start unlearning").click().run()
+    assert jobs.registry()[a.session_state.token].status == "running"  # A's slot still holds A's job
+    c_job = jobs.registry()[c.session_state.token]
+    c_job.cancel_event.set()
+    c_job.thread.join(10)
     # ... but after a reload (A's session is gone) the same token re-attaches to the running job.
-    monkeypatch.setattr(jobs, "session_alive", lambda sid: False)
-    c.run()
-    assert c.get("progress") and any("reloaded" in i.value for i in c.info)
+    monkeypatch.setattr(session, "session_alive", lambda sid: False)
+    d = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    d.query_params["s"] = a.session_state.token
+    d.run()  # the Start page shows this session's job too
+    assert d.session_state.token == a.session_state.token
+    assert d.get("progress") and any("reloaded" in i.value for i in d.info)
     job = jobs.registry()[a.session_state.token]
     job.cancel_event.set()
     job.thread.join(10)

@@ -16,12 +16,13 @@ from core.audit.gradcam import overlay
 from core.audit.mia import MIA_DEFINITION, mia_before_after
 from dashboard import resources as R
 from dashboard import session as S
+from dashboard import widgets
 
 st.title("Audit")
 if msg := st.session_state.pop("audit_download_error", None):  # set by a download's on_click (below)
     st.error(msg, icon=":material/error:")
 root = core_runs.runs_root()
-listed = core_runs.list_runs(root)
+listed = core_runs.visible_runs(root, S.owner_secret(), S.grants())  # this session's, the CLI's, shared ones
 complete = [r for r in listed if r.ok]
 cur = S.current_run()
 ids = [r.run_id for r in complete]
@@ -29,7 +30,8 @@ lost = cur is not None and cur.name not in ids  # the run this session was looki
 if lost:
     damaged = {r.run_id: r.error for r in listed if not r.ok}
     why = (f"is damaged ({core_runs.redact_paths(damaged[cur.name])})" if cur.name in damaged else
-           "was deleted (on the Runs page, by another session or outside the dashboard)")
+           "is no longer shared with this session" if (root / cur.name).is_dir() else
+           "was deleted (on the Runs page, by its session or outside the dashboard)")
     st.error(f"Run `{cur.name}`, shown here before, {why}; its pictures and files are no longer available. "
              + ("Choose another run below." if ids else ""), icon=":material/error:")
 if not complete:
@@ -39,7 +41,8 @@ if not complete:
 
 idx = None if lost else (ids.index(cur.name) if cur is not None else 0)
 choice = st.selectbox("Run", ids, index=idx, key=f"audit_run_{cur.name if cur else ''}",
-                      placeholder="Choose a run", help="★ in the caption marks runs made in this session.")
+                      placeholder="Choose a run", help="This session's runs, the command line's and runs shared "
+                                                       "with this session; the caption says which.")
 if choice is None:  # never switch to another run on the user's behalf
     st.stop()
 run_dir = root / choice
@@ -63,8 +66,9 @@ groups = groups.astype(str) if groups is not None else None
 # ---------------------------------------------------------------- header + metrics
 cfg = meta.get("config", {})
 k = meta.get("k", len(meta.get("forget_ids", [])))
-star = "★ " if choice in S.my_runs() else ""
-parts = [f"{star}**{meta.get('method')}**", f"k={k}", f"seed {meta.get('seed')}",
+info = complete[ids.index(choice)]
+origin = f"origin: {info.origin_label}" + ("" if info.own else " (read-only)")
+parts = [f"**{meta.get('method')}**", origin, f"k={k}", f"seed {meta.get('seed')}",
          f"stopped: {meta.get('stop_reason')} after {meta.get('steps')} steps",
          f"encoder `{(meta.get('anchors') or {}).get('encoder')}`", str(meta.get("device")),
          f"{(meta.get('timings') or {}).get('total', 0):.0f} s"]
@@ -109,7 +113,10 @@ if structure:
     for col, (k, v) in zip(cols, structure.items(), strict=True):
         col.metric(f"Structure: {k.replace('_', ' ')}", f"{v:.3f}", help="1 = unchanged by unlearning")
 
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns(4)
+if info.own and info.ok:
+    with c4:
+        widgets.share_panel(info)
 
 
 @st.cache_data(show_spinner="Building the HTML report ...", max_entries=8)

@@ -1,4 +1,4 @@
-"""Runs: every saved run (damaged ones marked), side-by-side comparison, delete, lineage, continue."""
+"""Runs: the runs this session may see (damaged ones marked), side-by-side comparison, delete, lineage, continue."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from dashboard import widgets
 
 st.title("Runs")
 root = core_runs.runs_root()
-infos = core_runs.list_runs(root)
-mine = set(S.my_runs())
-st.caption("Saved runs on the server. Runs made in this session are marked ★. A run is written to a hidden "
-           "folder and renamed when complete, so an interrupted run never shows up as complete; a run folder "
-           "that is not complete (a file missing or unreadable, no metrics) is listed as damaged, with the reason.")
+infos = core_runs.visible_runs(root, S.owner_secret(), S.grants())
+st.caption("This session's runs, and read-only runs: those made from the command line (CLI) and those another "
+           "session shared with this one by link. Other sessions' runs are not listed. A run is written to a "
+           "hidden folder and renamed when complete, so an interrupted run never shows up as complete; a run "
+           "folder that is not complete (a file missing or unreadable, no metrics) is listed as damaged, with the "
+           "reason.")
 if not infos:
     st.info("No runs yet. Start one on the Unlearn page, or run the teaching demo on the Start page.")
     st.stop()
@@ -33,8 +34,8 @@ rows = []
 for info in infos:
     m = info.meta or {}
     rows.append({
-        "": "★" if info.run_id in mine else "",
         "run": info.run_id,
+        "origin": info.origin_label,
         "status": "complete" if info.ok else f"damaged: {core_runs.redact_paths(info.error)}",
         "method": m.get("method"),
         "k": m.get("k", len(m.get("forget_ids", []) or [])),
@@ -75,28 +76,35 @@ if len(picked) == 1 and ok:
         already = set((ok[0].meta or {}).get("all_forget_ids", (ok[0].meta or {}).get("forget_ids", [])))
         S.set_selection(S.selection() - already)
         st.switch_page("app_pages/unlearn.py")
-with c3.popover(f"Delete {len(picked)} run(s)", icon=":material/delete:", disabled=widgets.busy()):
+read_only = [p.run_id for p in picked if not p.own]
+with c3.popover(f"Delete {len(picked)} run(s)", icon=":material/delete:", disabled=widgets.busy() or bool(read_only),
+                help=f"Read-only here (not this session's): {', '.join(read_only)}" if read_only else None):
     st.write("This removes the run folders from disk: " + ", ".join(f"`{p.run_id}`" for p in picked))
     if st.button("Delete for good", type="primary"):
-        errors = []
+        errors, gone = [], set()
         for p in picked:
             try:
-                core_runs.delete_run(p.path, root)
+                core_runs.delete_own_run(p.path, S.owner_secret(), root)  # refuses a run this session does not own
+                gone.add(p.path)
             except FileNotFoundError:
-                errors.append(f"`{p.run_id}` was already deleted (by another session or outside the dashboard).")
+                errors.append(f"`{p.run_id}` was already deleted (outside the dashboard, or on an earlier page).")
+                gone.add(p.path)
             except (core_runs.RunError, OSError) as exc:
                 errors.append(f"`{p.run_id}` could not be deleted: {core_runs.redact_paths(str(exc))}")
-        if S.current_run() in {p.path for p in picked}:
+        if S.current_run() in gone:
             S.set_current_run(None)
         S.request_compare([])
         for e in errors:
             st.error(e)
         if not errors:
             st.rerun()
+if read_only:
+    st.caption("Read-only here: " + ", ".join(f"`{r}`" for r in read_only) + ". Only the session that made a run "
+               "can delete or share it; runs from the command line are removed on the server, not here.")
 
 # ---------------------------------------------------------------- lineage
 if len(picked) == 1:
-    chain = core_runs.lineage(picked[0].path)
+    chain = core_runs.lineage(picked[0].path, visible={i.run_id for i in infos})
     if len(chain) > 1:
         st.subheader("Lineage")
         dot = ["digraph { rankdir=LR; node [shape=box, style=rounded, fontsize=10];"]
