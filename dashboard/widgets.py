@@ -239,7 +239,7 @@ def share_panel(info: Any) -> None:
         try:
             if info.shared:
                 key = core_runs.share_key(S.owner_secret(), info.run_id)
-                st.code(share_link(info.run_id, key), language=None)
+                st.code(share_link(info.run_id, key), language=None, wrap_lines=True)
                 if st.button("Stop sharing", key="share_stop"):
                     core_runs.unshare_run(info.path, S.owner_secret())
                     st.rerun()
