@@ -17,7 +17,7 @@ from dashboard import session as S
 DEMO_K = 8
 DEMO_SEED = 0
 # Small enough for a laptop CPU in about a minute (DESIGN.md §1, teachers).
-DEMO_OVERRIDES: dict[str, Any] = {}  # the engine's own defaults for k=8 (tuned on held-out data; ~40 steps)
+DEMO_OVERRIDES: dict[str, Any] = {}  # the engine's own defaults for k=8 (tuned on held-out data)
 DEMO_RETAIN_EVAL = 2000  # retain accuracy on a fixed subset of this size (the test set is always full)
 
 

@@ -1022,6 +1022,11 @@ def test_paper_schedule_is_the_authors_loop(model, forget, anchors):
     assert default_config("structguard", schedule="paper").pgd_iters == want["pgd_iters"] == 100
     assert default_config("structguard", schedule="paper").max_epochs == 100
     assert default_config("adv", schedule="paper").deletion == "ce"
+    # the mixture term is ours: on in the tuned defaults of the proxy methods, never in the authors' loop
+    for method in ("adv", "l2ul", "structguard"):
+        assert default_config(method, "fashion-mnist", k=32).mix_weight > 0
+        assert default_config(method, "fashion-mnist", k=32, schedule="paper").mix_weight == 0
+    assert default_config("neggrad", "fashion-mnist", k=32).mix_weight == 0
     _, x, y = forget
     out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)
     first_pass = [h for h in out.history[1:] if h["epoch"] <= 1]
