@@ -26,14 +26,15 @@ if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): impo
 
 CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
                 "max_epochs", "projector_init", "schedule", "deletion", "margin", "bn", "mix_weight")
-CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge", "masked_ce", "ce"), "bn": ("frozen", "train"),
-           "projector_init": ("identity", "random")}
+CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge", "hinge_active", "masked_ce", "ce"),
+           "bn": ("frozen", "train"), "projector_init": ("identity", "random")}
 HELP = {"schedule": "ours (default: engine v2) or paper (the authors' loop: CE ascent, train-mode BN, random "
                     "projector, their budgets and learning rates)",
-        "deletion": "deletion term: hinge (bounded, default), masked_ce, or ce (the published ascent)",
+        "deletion": "deletion term: hinge (bounded, default), hinge_active (the hinge averaged over the images "
+                    "it still pushes), masked_ce, or ce (the published ascent)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",
         "mix_weight": "weight of the retention term on mixtures of forget images (Adv, L2UL, StructGuard; "
-                      "0 = off, the default; 3 with --max-epochs 15 kept k=128 from collapsing, docs/METHOD.md)"}
+                      "0 = off; default: tuned per forget size, docs/METHOD.md)"}
 
 
 def random_forget_ids(dataset: str, data_dir: str | None, k: int, seed: int) -> list[int]:

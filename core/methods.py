@@ -48,7 +48,7 @@ class UnlearnConfig:
     # Engine v2 (docs/METHOD.md, "Deletion that stops"): how the loop behaves. `schedule="paper"`
     # sets all of them to the authors' loop (PAPER_SCHEDULE below).
     schedule: str = "ours"            # "ours" or "paper"; recorded, and "paper" applies PAPER_SCHEDULE
-    deletion: str = "hinge"           # "ce" (published ascent), "masked_ce" or "hinge" (bounded)
+    deletion: str = "hinge"           # "ce" (published ascent), "masked_ce", "hinge" or "hinge_active" (bounded)
     margin: float = 1.0               # hinge: push the true logit this far below the best other one
     deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
                                       # or "prediction" (through the projector, where forgetting is checked)
@@ -83,7 +83,8 @@ class UnlearnConfig:
             raise ValueError("n_adv must be >= 1 and pgd_iters >= 0")
         if self.projector_init not in ("identity", "random"):
             raise ValueError("projector_init must be 'identity' or 'random'")
-        choices = {"schedule": ("ours", "paper"), "deletion": ("ce", "masked_ce", "hinge"), "bn": ("frozen", "train"),
+        choices = {"schedule": ("ours", "paper"), "deletion": ("ce", "masked_ce", "hinge", "hinge_active"),
+                   "bn": ("frozen", "train"),
                    "deletion_path": ("backbone", "prediction"), "importance": ("per_sample", "batch"),
                    "proxy_labels": ("target", "original")}
         for name, allowed in choices.items():
@@ -230,6 +231,8 @@ def deletion_loss(logits: torch.Tensor, y: torch.Tensor, config: UnlearnConfig) 
     masked_ce: -CE over the rows the batch still classifies correctly; zero once all are wrong.
     hinge:     relu(margin + z_y - max_{j != y} z_j), averaged: pushes the true logit below the best
                other class by `margin`, then stops (zero loss, zero gradient).
+    hinge_active: the same hinge averaged over the rows it still pushes, so the last images left get the
+               whole push instead of 1/batch of it (with retention terms they otherwise linger for many steps).
     """
     if config.deletion == "ce":
         return -F.cross_entropy(logits, y)
@@ -238,7 +241,10 @@ def deletion_loss(logits: torch.Tensor, y: torch.Tensor, config: UnlearnConfig) 
         return -(F.cross_entropy(logits, y, reduction="none") * still).sum() / len(y)
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return F.relu(config.margin + true - other).mean()
+    hinge = F.relu(config.margin + true - other)
+    if config.deletion == "hinge_active":
+        return hinge.sum() / (hinge > 0).sum().clamp_min(1)
+    return hinge.mean()
 
 
 @dataclass

@@ -35,7 +35,7 @@ from core.train import prepare_model, to_device_format
 
 C, D, E = 3, 3, 4          # classes, feature dimension, anchor dimension (d != e: R is the seeded Gaussian map)
 BN_EPS = 1e-5              # BatchNorm's eps (torch's default, used by the tiny model and the projector)
-FORMS = ["hinge", "masked_ce", "ce"]
+FORMS = ["hinge", "hinge_active", "masked_ce", "ce"]
 
 # Four 2x2 images; the tiny model predicts 0, 1, 2, 0. The last one is labelled 1: already forgotten.
 X = torch.tensor([[0.9, 0.1, 0.2, 0.1], [0.1, 0.9, 0.1, 0.3], [0.2, 0.1, 0.1, 0.9],
@@ -140,7 +140,10 @@ def deletion(z: torch.Tensor, y: torch.Tensor, form: str, margin: float = 1.0) -
     rows = torch.arange(len(y))
     true = z[rows, y]
     other = torch.stack([torch.cat([z[i, :y[i]], z[i, y[i] + 1:]]).max() for i in range(len(y))])
-    return torch.clamp(margin + true - other, min=0).mean()  # hinge: relu(m + z_y - max_{j != y} z_j)
+    rows_loss = torch.clamp(margin + true - other, min=0)  # hinge: relu(m + z_y - max_{j != y} z_j)
+    if form == "hinge_active":  # averaged over the rows still pushed (at least one)
+        return rows_loss.sum() / max(1, int((rows_loss > 0).sum()))
+    return rows_loss.mean()
 
 
 def structure(f: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -520,3 +523,16 @@ def test_execute_run_same_seed_is_bit_identical_on_cpu(sample_model, bundled_fas
     # another seed: another run
     assert rc["seed"] == 1 and rc["history"] != ra["history"]
     assert rc["metrics"]["after"] != ra["metrics"]["after"]
+
+
+def test_hinge_active_gives_the_last_rows_the_whole_push():
+    """Rows already wrong by the margin add nothing, and the rest are averaged among themselves."""
+    from core.methods import deletion_loss
+
+    z = torch.tensor([[3.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.5, 0.0, 0.0]])  # rows 0, 2 still pushed; row 1 done
+    y = torch.tensor([0, 0, 0])
+    by_hand = ((1 + 3.0 - 0.0) + (1 + 0.5 - 0.0)) / 2
+    assert float(deletion_loss(z, y, config("adv", deletion="hinge_active"))) == pytest.approx(by_hand)
+    assert float(deletion_loss(z, y, config("adv", deletion="hinge"))) == pytest.approx(by_hand * 2 / 3)
+    done = torch.tensor([[0.0, 5.0, 0.0]])
+    assert float(deletion_loss(done, y[:1], config("adv", deletion="hinge_active"))) == 0.0
