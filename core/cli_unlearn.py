@@ -312,7 +312,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"seeds {seeds} (A_test also its 95% t-interval); retrain: the base recipe trained without the forget "
               f"set (bench/retrain), where one exists; runs took {sum(r['seconds'] for r in rows):.0f} s in all.\n\n")
     text = header + "\n".join(bench_table(rows, labels, sorted({r["k"] for r in rows}))) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    runs.write_atomic(Path(args.out), text, what="the bench table")
     print(text)
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .downloads import ALLOW_DOWNLOADS_ENV, downloads_allowed
+from .runs import write_atomic  # atomic, no partial file after a failed download
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_FASHION = ASSETS / "data" / "fashion-mnist-subset.npz"
@@ -186,10 +187,8 @@ def _download_fashion(dest: Path, timeout: float = 5.0) -> Path:
             target = dest / f"{stem}.gz"
             if target.is_file():
                 continue
-            tmp = target.with_suffix(".gz.part")
             with urllib.request.urlopen(FASHION_URL + target.name, timeout=timeout) as resp:  # noqa: S310
-                tmp.write_bytes(resp.read())
-            tmp.replace(target)
+                write_atomic(target, resp.read(), what="the dataset download")
     return dest
 
 

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from .runs import write_atomic  # atomic, cleaned up on failure, the umask's mode (safetensors' save_file makes 0600)
 
 SAMPLE_MODELS = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -159,14 +162,10 @@ def save_model(model: ResNet, path: str | Path, card: dict) -> dict:
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = path.with_suffix(".safetensors")
-    tmp = weights.with_suffix(".safetensors.part")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(weights)
+    write_atomic(weights, safetensors_bytes(state), what="the model weights")
     card = dict(card, weights_file=weights.name, weights_sha256=sha256_file(weights))
-    card_path = path.with_suffix(".json")
-    card_path.with_suffix(".json.part").write_text(json.dumps(card, indent=2) + "\n")
-    card_path.with_suffix(".json.part").replace(card_path)
+    write_atomic(path.with_suffix(".json"), json.dumps(card, indent=2) + "\n", what="the model card")
     return card
 
 

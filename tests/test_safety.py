@@ -586,3 +586,22 @@ def test_audit_report_on_a_full_disk_is_a_message(app_env, real_run, monkeypatch
     assert not any(d.proto.label == "Download HTML report" for d in at.download_button)
     assert no_partial_files(app_env) == [] and not (run / "report.html").exists()
     assert str(app_env) not in texts(at)
+
+
+def test_saving_a_model_on_a_full_disk_keeps_the_old_one_and_leaves_no_part(tmp_path, monkeypatch) -> None:
+    """`python -m core train --out` (save_model): the previous model stays whole, no partial file is left, and a
+    saved model has the same file mode as the rest of the project's files (safetensors' own writer makes 0600)."""
+    from core.models import create_model, load_model, save_model
+
+    card = {"arch": "resnet18_narrow", "dataset": "fashion-mnist", "class_names": FASHION_CLASSES,
+            "input_shape": [1, 28, 28]}
+    torch.manual_seed(0)
+    save_model(create_model("resnet18_narrow", 10, 1), tmp_path / "m", card)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {oct(runs.file_mode())}
+    monkeypatch.setattr(runs, "_fdopen", FullDisk(room=1000))
+    torch.manual_seed(1)
+    with pytest.raises(runs.StorageError, match="could not save the model weights: the disk is full"):
+        save_model(create_model("resnet18_narrow", 10, 1), tmp_path / "m", card)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load_model(str(tmp_path / "m"))  # still loads, checksum and all
