@@ -8,6 +8,7 @@ Session-scoped (built once, treat as read-only): `bundled_fashion`, `fashion`,
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -182,3 +183,25 @@ def run_cli(repo_root: Path) -> Callable[..., subprocess.CompletedProcess]:
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     return run
+
+
+def fake_metrics(n_classes: int = 10) -> dict:
+    """run.json "metrics" with every key the Audit and Runs pages read (tiny values)."""
+    m = {"forget_acc": 100.0, "retain_acc": 91.0, "test_acc": 90.0, "per_class_test_acc": [90.0] * n_classes,
+         "retain_set": "subset of 20", "dim_alignment": 0.5}
+    return {"before": dict(m), "after": dict(m, forget_acc=0.0), "retrain": None}
+
+
+def fake_run(root: Path, run_id: str, owner: dict | None = None, **meta) -> Path:
+    """A run folder with every required file (tiny contents): complete as far as the listing can tell.
+    `owner` as run.json records it (None: no record); a meta value None leaves that key out."""
+    path = root / run_id
+    path.mkdir(parents=True)
+    base = {"run_id": run_id, "status": "complete", "method": "neggrad", "seed": 0, "k": 1, "forget_ids": [1],
+            "metrics": fake_metrics(), "dataset": {"name": "fashion-mnist"}, "owner": owner}
+    base.update(meta)
+    (path / "run.json").write_text(json.dumps({k: v for k, v in base.items() if v is not None}))
+    np.savez_compressed(path / "audit.npz", ids=np.arange(3))
+    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "model.json").write_text("{}")
+    return path

@@ -14,9 +14,8 @@ import json
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import write_fashion_idx
+from conftest import fake_run, write_fashion_idx
 from streamlit.testing.v1 import AppTest
 
 from core import pipeline, runs
@@ -26,22 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "dashboard" / "app.py")
 needs_sample_model = pytest.mark.skipif(not (SAMPLE_MODELS / "fmnist_resnet18_narrow.json").is_file(),
                                         reason="needs the sample model sample_models/fmnist_resnet18_narrow")
-
-
-def fake_run(root: Path, run_id: str, owner: dict | None = None, **meta) -> Path:
-    """A run folder with every required file (tiny contents); `owner` as run.json records it (None: no record)."""
-    path = root / run_id
-    path.mkdir(parents=True)
-    m = {"forget_acc": 100.0, "retain_acc": 91.0, "test_acc": 90.0, "per_class_test_acc": [90.0] * 10}
-    base = {"run_id": run_id, "status": "complete", "method": "neggrad", "seed": 0, "k": 1, "forget_ids": [1],
-            "metrics": {"before": m, "after": dict(m, forget_acc=0.0), "retrain": None},
-            "dataset": {"name": "fashion-mnist"}, "owner": owner}
-    base.update(meta)
-    (path / "run.json").write_text(json.dumps({k: v for k, v in base.items() if v is not None}))
-    np.savez_compressed(path / "audit.npz", ids=np.arange(3))
-    (path / "model.safetensors").write_bytes(b"weights")
-    (path / "model.json").write_text("{}")
-    return path
 
 
 def session_owner(secret: str) -> dict:

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import write_fashion_idx
+from conftest import fake_metrics, fake_run, write_fashion_idx
 
 from core import pipeline, runs
 from core.data import FASHION_CLASSES, load_dataset
@@ -46,26 +46,6 @@ needs_sample_model = pytest.mark.skipif(not (SAMPLE_MODELS / "fmnist_resnet18_na
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def metrics(n_classes: int = 10) -> dict:
-    m = {"forget_acc": 100.0, "retain_acc": 91.0, "test_acc": 90.0, "per_class_test_acc": [90.0] * n_classes,
-         "retain_set": "subset of 20", "dim_alignment": 0.5}
-    return {"before": dict(m), "after": dict(m, forget_acc=0.0), "retrain": None}
-
-
-def fake_run(root: Path, run_id: str, **meta) -> Path:
-    """A run folder with every required file (tiny contents): complete as far as the listing can tell."""
-    path = root / run_id
-    path.mkdir(parents=True)
-    base = {"run_id": run_id, "status": "complete", "method": "neggrad", "seed": 0, "k": 1, "forget_ids": [1],
-            "metrics": metrics(), "dataset": {"name": "fashion-mnist"}}
-    base.update(meta)
-    (path / "run.json").write_text(json.dumps({k: v for k, v in base.items() if v is not None}))
-    np.savez_compressed(path / "audit.npz", ids=np.arange(3))
-    (path / "model.safetensors").write_bytes(b"weights")
-    (path / "model.json").write_text("{}")
-    return path
 
 
 def one_error_line(err: str) -> str:
@@ -231,7 +211,7 @@ def test_listing_marks_incomplete_runs_damaged_with_the_reason(tmp_path) -> None
     good = fake_run(root, "20990101-000000-neggrad-k1-s0")
     no_metrics = fake_run(root, "20990101-000001-neggrad-k1-s0", metrics=None)
     partial_metrics = fake_run(root, "20990101-000002-neggrad-k1-s0",
-                               metrics={"before": metrics()["before"], "after": {"forget_acc": 0.0}})
+                               metrics={"before": fake_metrics()["before"], "after": {"forget_acc": 0.0}})
     no_method = fake_run(root, "20990101-000003-neggrad-k1-s0", method=None)
     not_complete = fake_run(root, "20990101-000004-neggrad-k1-s0", status="running")
     truncated = fake_run(root, "20990101-000005-neggrad-k1-s0")
@@ -355,7 +335,7 @@ def save_with_fakes(root: Path, tiny_model, audit: dict) -> Path:
                           start=SimpleNamespace(card={"arch": "resnet18_narrow"}))
     unl = SimpleNamespace(model=UnlearnedModel(tiny_model))
     return pipeline.save(res, unl, lambda run_id, card: {"run_id": run_id, "method": "neggrad",
-                                                          "metrics": metrics()}, audit, Callbacks())
+                                                          "metrics": fake_metrics()}, audit, Callbacks())
 
 
 @pytest.mark.parametrize("where,limit,audit_mb", [("weights", 200_000, 0), ("audit arrays", 4_000_000, 8)])
