@@ -205,3 +205,22 @@ def fake_run(root: Path, run_id: str, owner: dict | None = None, **meta) -> Path
     (path / "model.safetensors").write_bytes(b"weights")
     (path / "model.json").write_text("{}")
     return path
+
+
+@pytest.fixture(scope="module")
+def subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled subset (3,000 / 1,000) as IDX files: ids 0..2999, fast to load."""
+    return write_fashion_idx(tmp_path_factory.mktemp("fashion"))
+
+
+@pytest.fixture
+def app_env(subset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The environment of a dashboard AppTest on the subset: a fresh runs folder (returned), the sample model,
+    a random-weight CLIP (offline) and PCA drift maps (fast)."""
+    env = {"STRUCTGUARD_FASHION_DIR": str(subset_dir), "STRUCTGUARD_RUNS": str(tmp_path / "runs"),
+           "STRUCTGUARD_MODEL": "fmnist_resnet18_narrow", "HF_HUB_OFFLINE": "1",
+           "STRUCTGUARD_ENCODER": "clip-random:ViT-S-32", "STRUCTGUARD_DRIFT_METHOD": "pca"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "runs").mkdir()
+    return tmp_path / "runs"

@@ -158,22 +158,6 @@ def test_lineage_hides_other_sessions_runs(tmp_path) -> None:
 # ---------------------------------------------------------------- pages
 
 
-@pytest.fixture(scope="module")
-def subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_idx(tmp_path_factory.mktemp("fashion"))
-
-
-@pytest.fixture
-def app_env(subset_dir: Path, tmp_path: Path, monkeypatch):
-    env = {"STRUCTGUARD_FASHION_DIR": str(subset_dir), "STRUCTGUARD_RUNS": str(tmp_path / "runs"),
-           "STRUCTGUARD_MODEL": "fmnist_resnet18_narrow", "HF_HUB_OFFLINE": "1",
-           "STRUCTGUARD_ENCODER": "clip-random:ViT-S-32", "STRUCTGUARD_DRIFT_METHOD": "pca"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    (tmp_path / "runs").mkdir()
-    return tmp_path / "runs"
-
-
 def new_app(**query) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=180)
     for k, v in query.items():

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import fake_metrics, fake_run, write_fashion_idx
+from conftest import fake_metrics, fake_run
 
 from core import pipeline, runs
 from core.data import FASHION_CLASSES, load_dataset
@@ -116,12 +116,6 @@ def file_size_limit(limit: int):
 def no_partial_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".part") or p.name.endswith(".partial")
             or ".tmp" in p.name]
-
-
-@pytest.fixture(scope="module")
-def subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled subset (3,000 / 1,000) as IDX files: ids 0..2999, fast to load."""
-    return write_fashion_idx(tmp_path_factory.mktemp("fashion"))
 
 
 @pytest.fixture(scope="module")
@@ -475,17 +469,6 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch, t
 
 
 # ---------------------------------------------------------------- the pages
-
-
-@pytest.fixture
-def app_env(subset_dir: Path, tmp_path: Path, monkeypatch):
-    env = {"STRUCTGUARD_FASHION_DIR": str(subset_dir), "STRUCTGUARD_RUNS": str(tmp_path / "runs"),
-           "STRUCTGUARD_MODEL": "fmnist_resnet18_narrow", "HF_HUB_OFFLINE": "1",
-           "STRUCTGUARD_ENCODER": "clip-random:ViT-S-32", "STRUCTGUARD_DRIFT_METHOD": "pca"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    (tmp_path / "runs").mkdir()
-    return tmp_path / "runs"
 
 
 def new_app(**state):
