@@ -315,12 +315,17 @@ def load_cifar(root: str | Path, variant: str = "cifar10") -> Dataset:
 
 
 def _read_image(path: Path, channels: int, size: int) -> np.ndarray:
-    from PIL import Image
+    """One file of an image folder, decoded and checked like an upload (core.images); DataError names it."""
+    from .images import MAX_BYTES, decode_image
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    try:
+        if path.stat().st_size > MAX_BYTES:  # checked before reading: a huge file costs nothing
+            raise ValueError(f"{path.stat().st_size / 1e6:.1f} MB is over the {MAX_BYTES / 1e6:.0f} MB limit per image")
+        return decode_image(path.read_bytes(), (channels, size, size))
+    except ValueError as exc:
+        raise DataError(f"image folder file {path}: {exc}; remove or replace it") from exc
+    except OSError as exc:
+        raise DataError(f"image folder file {path} cannot be read ({exc.strerror or exc})") from exc
 
 
 def _folder_split(root: Path, classes: list[str], channels: int, size: int) -> Split:

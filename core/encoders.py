@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -311,18 +312,25 @@ def _load_clip(arch: str, pretrained: str, origin: str) -> ClipTextEncoder:
     import open_clip
 
     try:
-        with _offline():
+        with _offline(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's unpickler warns about a file it is about to refuse anyway
             # OpenAI CLIP was trained with QuickGELU; the plain arch config would silently change the outputs.
             model = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=True, device="cpu",
                                            pretrained_text=False, require_pretrained=True)
             tokenizer = open_clip.get_tokenizer(arch)
     except Exception as exc:  # open_clip raises RuntimeError, OSError, safetensors errors...
         msg = str(exc)
-        hint = " TorchScript archives (the original OpenAI .pt) are not loaded, for safety;" if "TorchScript" in msg \
-            else ""
-        raise EncoderError(f"could not load CLIP {arch} weights from {origin}: {msg[:400]}.{hint} The file must be "
-                           f"an open_clip or OpenAI state dict for {arch} (.safetensors, or .pt/.bin written by "
-                           f"torch.save(state_dict)). {HOW_TO_PROVIDE_CLIP}") from exc
+        if "TorchScript" in msg:
+            why = "it is a TorchScript archive (the original OpenAI .pt), which is not loaded, for safety"
+        elif "Weights only load failed" in msg:
+            why = ("it is neither a safetensors file nor a plain torch state dict: damaged, or it holds pickled "
+                   "Python objects, which are never run")
+        else:
+            why = (msg.strip().splitlines() or ["unknown error"])[0][:300]
+        raise EncoderError(f"could not load CLIP {arch} weights from {origin}: {why}. The file must be an open_clip "
+                           f"or OpenAI state dict for {arch} (.safetensors, or .pt/.bin written by "
+                           f"torch.save(state_dict)); or use the encoder 'minilm', which needs no weights file.") \
+            from exc
     source = CLIP_TAG if pretrained == CLIP_TAG or origin.startswith("Hugging Face cache") \
         else f"ckpt-{_text_fingerprint(model)[:12]}"
     return _clip_encoder(model, tokenizer, arch, f"clip:{arch}/{source}",

@@ -318,6 +318,33 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         load_image_folder(tmp_path)
 
 
+@pytest.mark.parametrize("name, data, reason", [
+    ("text.png", b"not an image at all", "is not an image"),
+    ("header_only.png", None, "damaged or truncated"),
+    ("bomb.png", "bomb", "decompression bomb"),
+])
+def test_image_folder_refuses_a_bad_file_by_name(tmp_path: Path, name: str, data, reason: str) -> None:
+    """A file that is not a whole image fails the load with its path and the reason, before any run."""
+    import io
+
+    from PIL import Image
+
+    _write_images(tmp_path / "pets" / "train", {"dog": 2, "cat": 2})
+    _write_images(tmp_path / "pets" / "test", {"dog": 1, "cat": 1})
+    if data is None:  # a real PNG cut after its header: PIL opens it, only a full decode sees the damage
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(buf, "PNG")
+        data = buf.getvalue()[:200]
+    elif data == "bomb":  # small file, huge canvas
+        buf = io.BytesIO()
+        Image.new("L", (3000, 2000)).save(buf, "PNG")
+        data = buf.getvalue()
+    bad = tmp_path / "pets" / "train" / "cat" / name
+    bad.write_bytes(data)
+    with pytest.raises(DataError, match=f"{name}: .*{reason}"):
+        load_image_folder(tmp_path / "pets")
+
+
 def test_unknown_dataset_name() -> None:
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("imagenet")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,8 +119,18 @@ def test_checkpoint_name_is_content_based_and_env_var_works(checkpoints, monkeyp
 def test_unreadable_checkpoint_is_an_encoder_error(tmp_path):
     bad = tmp_path / "clip.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(EncoderError, match="could not load CLIP.*STRUCTGUARD_CLIP_CHECKPOINT"):
+    with pytest.raises(EncoderError, match="could not load CLIP.*state dict.*or use the encoder 'minilm'"):
         get_encoder(f"clip:{ARCH}", checkpoint=bad)
+
+
+def test_a_pickled_object_checkpoint_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    bad = tmp_path / "clip.pt"
+    bad.write_bytes(pickle.dumps({"weights": Path("x")}))  # a Python object, not tensors
+    with pytest.raises(EncoderError, match="holds pickled Python objects, which are never run") as err:
+        get_encoder(f"clip:{ARCH}", checkpoint=bad)
+    assert "In PyTorch 2.6" not in str(err.value) and "\n" not in str(err.value)  # one short line, not torch's essay
 
 
 def test_missing_or_misnamed_checkpoint_file(tmp_path, monkeypatch):
