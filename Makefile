@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
+HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 APT_PACKAGES := chromium chromium-driver dataset-fashion-mnist
 REQS := requirements.txt requirements-lock.txt
@@ -23,9 +24,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test setup python-deps python-dev-deps system-deps
 
+# HOST=0.0.0.0 (or an address of this machine) exposes the dashboard on a network, e.g. for a classroom.
 run: setup
+	@if [ "$(HOST)" != 127.0.0.1 ] && [ "$(HOST)" != localhost ]; then \
+		echo "warning: the dashboard listens on $(HOST):$(PORT): anyone who can reach this machine there can start"; \
+		echo "         runs and read the runs that are not a session's own. Use it on a network you trust."; \
+	fi
 	@echo "StructGuard Studio: http://localhost:$(PORT)  (Ctrl+C stops it)"
-	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT) --server.headless true \
+	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT) --server.address $(HOST) --server.headless true \
 		--browser.gatherUsageStats false
 
 # pytest's exit code is kept in test-artifacts/pytest-exit-code (.ci/run reads it).
