@@ -29,14 +29,8 @@ st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:
 S.session_token()
 clean_partials_once(runs_root())  # folders of killed runs; once per process, though this script re-runs
 
-nav = st.navigation([
-    st.Page(PAGES / "start.py", title="Start", icon=":material/home:", default=True),
-    st.Page(PAGES / "forget_set.py", title="Forget set", icon=":material/photo_library:", url_path="forget"),
-    st.Page(PAGES / "anchors.py", title="Anchors", icon=":material/anchor:", url_path="anchors"),
-    st.Page(PAGES / "unlearn.py", title="Unlearn", icon=":material/model_training:", url_path="unlearn"),
-    st.Page(PAGES / "audit.py", title="Audit", icon=":material/fact_check:", url_path="audit"),
-    st.Page(PAGES / "runs.py", title="Runs", icon=":material/history:", url_path="runs"),
-])
+nav = st.navigation([st.Page(PAGES / file, title=title, icon=icon, url_path=url or None, default=not url)
+                     for file, title, icon, url in widgets.PAGES])
 if S.accept_share_link() and nav.url_path != "audit":  # a share link opens its run's Audit view
     st.switch_page(PAGES / "audit.py")
 S.show_notice()

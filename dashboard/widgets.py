@@ -226,7 +226,15 @@ def share_link(run_id: str, key: str) -> str:
     return f"{base}/audit?{urlencode({'run': run_id, 'key': key})}"
 
 
-PAGE_PATHS = ("forget", "anchors", "unlearn", "audit", "runs")  # url_path of every page but the default one
+# The app's pages (file under app_pages/, title, icon, url_path; the first is the default page at "/").
+# app.py builds the navigation from this table; share_link reads the url_paths from it.
+PAGES = (("start.py", "Start", ":material/home:", ""),
+         ("forget_set.py", "Forget set", ":material/photo_library:", "forget"),
+         ("anchors.py", "Anchors", ":material/anchor:", "anchors"),
+         ("unlearn.py", "Unlearn", ":material/model_training:", "unlearn"),
+         ("audit.py", "Audit", ":material/fact_check:", "audit"),
+         ("runs.py", "Runs", ":material/history:", "runs"))
+PAGE_PATHS = tuple(url for *_, url in PAGES if url)
 
 
 def share_panel(info: Any) -> None:
