@@ -130,6 +130,7 @@ class Callbacks:
     on_step: Callable[[dict], None] | None = None             # one history record per update step
     should_cancel: Callable[[], bool] | None = None
     on_snapshot: Callable[[int, nn.Module], None] | None = None  # (step, live model in eval mode)
+    on_partial: Callable[[Path], None] | None = None         # the hidden folder a run is being saved into
     snapshot_every: int = 1
 
     def progress(self, fraction: float, message: str) -> None:

@@ -613,6 +613,8 @@ def save(res: Resolved, unl: Unlearned, build_meta: Any, audit: dict, cb: Callba
         partial = runs.partial_dir(root, run_id)
     except OSError as exc:
         raise runs.storage_error(exc, "the run") from exc
+    if cb.on_partial:  # a worker process tells its server, which removes the folder if it has to kill it
+        cb.on_partial(partial)
     try:
         cb.check_cancel("saving")
         try:

@@ -508,6 +508,11 @@ def check_share_key(run_dir: str | Path, key: object) -> bool:
     return hmac.compare_digest(hashlib.sha256(key.encode("utf-8", "replace")).hexdigest(), stored)
 
 
+def class_names(meta: dict) -> list[str]:
+    """The class names of a run (its anchors', else its dataset's)."""
+    return list((meta.get("anchors") or {}).get("class_names") or (meta.get("dataset") or {}).get("classes") or [])
+
+
 def visible_runs(root: str | Path | None, secret: str | None, grants: Mapping[str, str] | None = None) -> list[RunInfo]:
     """The runs a dashboard session may see, newest first: its own (access "own"), those from the command line
     or with no owner recorded, and other sessions' runs whose share key it holds in `grants` (run id -> key)

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import streamlit as st  # noqa: E402
 
 from core.runs import clean_partials_once, runs_root  # noqa: E402
+from dashboard import resources as R  # noqa: E402
 from dashboard import session as S  # noqa: E402
 from dashboard import widgets  # noqa: E402
 
@@ -28,6 +29,7 @@ PAGES = Path(__file__).resolve().parent / "app_pages"
 st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:", layout="wide")
 S.session_token()
 clean_partials_once(runs_root())  # folders of killed runs; once per process, though this script re-runs
+R.run_workers_started()  # runs execute in worker processes forked from a preloaded server (dashboard.worker)
 
 nav = st.navigation([st.Page(PAGES / file, title=title, icon=icon, url_path=url or None, default=not url)
                      for file, title, icon, url in widgets.PAGES])

@@ -1,22 +1,22 @@
-"""Background jobs: one run (or a few in a row) per session, in a daemon thread.
+"""Background jobs: one run (or a few in a row) per session, in a worker process (dashboard.worker).
 
 Jobs are kept in a process-wide registry keyed by the session's random token, so that a
 page reload (same URL, `?s=<token>`) re-attaches to its own run, while another live browser
 session never can: one live session holds a token at a time (session.session_token), and a
 job watched by another live session is neither shown nor replaced here.
 
-Rule: the worker thread touches only its `Job` and core. It never calls a Streamlit
-function, not even the caches in dashboard.resources: whatever the work needs from them is
-resolved in the script thread before `start_job` and passed in.
+Rule: the work is a list of core.pipeline.RunRequest values, resolved in the script thread (from
+Streamlit's caches where needed) and handed to the worker process; its pump thread touches only the
+session's `Job`, never Streamlit.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
@@ -25,7 +25,7 @@ from dashboard import session
 
 @dataclass
 class Job:
-    """One background run. The worker thread only touches this object, never Streamlit."""
+    """One background job. The worker's pump thread only touches this object, never Streamlit."""
 
     token: str
     label: str
@@ -40,7 +40,8 @@ class Job:
     error: str | None = None
     started: float = field(default_factory=time.time)
     finished: float | None = None
-    thread: threading.Thread | None = None
+    thread: threading.Thread | None = None  # the pump thread (joins once the worker process has ended)
+    pid: int | None = None                  # the worker process
     handled: bool = False  # the session has recorded the outcome (script thread only)
 
     # callbacks handed to core
@@ -82,32 +83,21 @@ def current_job() -> Job | None:
     return job
 
 
-def start_job(label: str, work: Callable[[Job], list[Path | str]]) -> Job:
-    """Run `work(job)` in a daemon thread; it returns the run directories it created.
+def start_job(label: str, requests: list[Any]) -> Job:
+    """Run core.pipeline requests one after another in a worker process (dashboard.worker) for this session.
 
-    `work` runs outside the script thread: it may call core and the job's callbacks only.
+    The job's status, progress, step records and run folders are filled in by the worker's pump thread.
     """
+    from dashboard import worker
+
     token = session.session_token()
     if current_job() is None and (held := registry().get(token)) is not None and held.status == "running":
         raise RuntimeError("another open session is running a job under this link")  # never replace it
     job = Job(token=token, label=label, owner=session.session_id())
-
-    def target() -> None:
-        try:
-            dirs = work(job)
-            with job.lock:
-                job.run_dirs = [Path(d) for d in dirs]
-                job.status = "cancelled" if job.cancel_event.is_set() and not dirs else "done"
-                job.fraction = 1.0 if job.status == "done" else job.fraction
-        except Exception as exc:  # shown in the UI; the engine never leaves a half-written run
-            with job.lock:
-                cancelled = job.cancel_event.is_set() or type(exc).__name__ in ("Cancelled", "RunCancelled")
-                job.status = "cancelled" if cancelled else "failed"
-                job.error = None if cancelled else f"{type(exc).__name__}: {exc}"
-        finally:
-            job.finished = time.time()
-
-    job.thread = threading.Thread(target=target, name=f"structguard-{job.token}", daemon=True)
     registry()[job.token] = job
-    job.thread.start()
+    try:
+        job.thread = worker.start(requests, job)
+    except Exception as exc:  # the worker could not start (no memory for a process, say)
+        with job.lock:
+            job.status, job.error, job.finished = "failed", f"the run could not start: {exc}", time.time()
     return job

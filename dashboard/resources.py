@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from core import runs as core_runs
 from core.audit import views
 from core.data import Dataset, load_dataset
 from core.models import LoadedModel, list_sample_models, load_model, pick_device
@@ -152,9 +153,7 @@ def load_run(run_dir: Path | str) -> Any:
     return _load_run(str(p), _mtime_ns(p / "run.json"))
 
 
-def class_names(meta: dict) -> list[str]:
-    """The class names of a run (its anchors', else its dataset's). Plain function: safe in any thread."""
-    return list((meta.get("anchors") or {}).get("class_names") or (meta.get("dataset") or {}).get("classes") or [])
+class_names = core_runs.class_names  # plain function: safe in any thread
 
 
 def _stamp(run_dir: Path | str) -> int:
@@ -198,6 +197,16 @@ def gradcam_view(run_dir: Path | str, n_forget: int) -> views.GradCamView:
 
 
 @st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner=False)
+def run_workers_started() -> bool:
+    """Start the run workers' fork server once per server process (dashboard.worker), in the background."""
+    from dashboard import worker
+
+    if worker.IN_PROCESS:
+        worker.warm_up()
+    return True
+
+
 def warm_up_drift() -> threading.Thread | None:
     """Compile UMAP's numba code once per process, in the background (first fit otherwise waits ~15 s)."""
     if views.drift_method() == "pca":

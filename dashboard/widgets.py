@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,15 +20,6 @@ DEMO_OVERRIDES: dict[str, Any] = {}  # the engine's own defaults for k=8 (tuned 
 DEMO_RETAIN_EVAL = 2000  # retain accuracy on a fixed subset of this size (the test set is always full)
 
 
-def _callbacks(job: jobs.Job, i: int, n: int, tag: str) -> Any:
-    """core.engine.Callbacks for run i of n: progress mapped into [i/n, (i+1)/n], steps tagged with the run."""
-    from core.engine import Callbacks
-
-    prefix = f"[{i + 1}/{n} {tag}] " if n > 1 else ""
-    return Callbacks(on_progress=lambda f, m: job.on_progress((i + f) / n, prefix + m),
-                     on_step=lambda rec: job.on_step(dict(rec, run=tag)), should_cancel=job.should_cancel)
-
-
 def make_request(**fields: Any) -> Any:
     """A core.pipeline.RunRequest from keyword fields (None values left to core's defaults), owned by this
     session: the run records the hash of its owner secret."""
@@ -45,45 +35,11 @@ def make_request(**fields: Any) -> Any:
 
 
 def launch(label: str, requests: list[Any], open_page: str) -> None:
-    """Run the requests one after another in this session's background thread.
-
-    The worker calls core only (execute_run, then the drift view cached beside each new run);
-    anything from Streamlit's caches is resolved here, in the script thread.
-    """
-    from core.pipeline import execute_run
-
-    R.warm_up_drift()  # starts UMAP's one-time compile in its own thread
-
-    def work(job: jobs.Job) -> list[Path]:
-        dirs: list[Path] = []
-        for i, req in enumerate(requests):
-            if job.should_cancel():
-                break
-            try:
-                dirs.append(Path(execute_run(req, _callbacks(job, i, len(requests), str(getattr(req, "method", i))))))
-            except Exception:
-                if job.should_cancel() and dirs:
-                    break  # keep the runs that completed before the cancel
-                raise
-        job.on_progress(1.0, "preparing the audit views ...")
-        for d in dirs:  # so the Audit page opens without waiting for the drift map
-            try:
-                prepare_views(d)
-            except Exception:  # the Audit page shows the problem when it is opened
-                pass
-        return dirs
-
+    """Run the requests one after another in this session's worker process (dashboard.worker), which
+    also prepares each new run's audit views. The requests are resolved here, in the script thread."""
+    R.warm_up_drift()  # starts UMAP's one-time compile for the Audit page, in its own thread
     st.session_state.job_open_page = open_page
-    jobs.start_job(label, work)
-
-
-def prepare_views(run_dir: Path) -> None:
-    """Fit a new run's drift map and cache it beside the run (core only: safe in the worker thread)."""
-    from core.audit.views import drift_view
-    from core.runs import load_run
-
-    rec = load_run(run_dir)
-    drift_view(run_dir, rec.audit, rec.meta, n_classes=len(R.class_names(rec.meta)) or None)
+    jobs.start_job(label, requests)
 
 
 def busy() -> bool:

@@ -122,6 +122,15 @@ def no_exceptions(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
 
+def use_fake_engine(monkeypatch, fake) -> None:
+    """Replace the engine by an in-process fake: jobs then run in a server thread (dashboard.worker.IN_PROCESS),
+    where the fake is seen; the worker-process path is tested with the real engine (test_worker.py)."""
+    from dashboard import worker
+
+    monkeypatch.setattr(pipeline, "execute_run", fake)
+    monkeypatch.setattr(worker, "IN_PROCESS", False)
+
+
 def wait_for_job(at: AppTest, limit: float = 240) -> None:
     """Re-run the script (as the fragment would) until this session's job is no longer running."""
     from dashboard import jobs
@@ -185,7 +194,7 @@ def test_start_page_shows_model_dataset_encoder_device(app_env) -> None:
 
 def test_teaching_demo_runs_both_methods_and_opens_comparison(app_env, monkeypatch) -> None:
     fake = GatedEngine()
-    monkeypatch.setattr(pipeline, "execute_run", fake)
+    use_fake_engine(monkeypatch, fake)
     calls = record_cached_calls(monkeypatch)
     at = new_app()
     next(b for b in at.button if b.label == "Run the teaching demo").click().run()
@@ -416,7 +425,7 @@ def test_anchors_llm_panel_generate_diff_accept_discard(app_env, llm_server) -> 
 def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     fake = GatedEngine()
     fake.gate.clear()
-    monkeypatch.setattr(pipeline, "execute_run", fake)
+    use_fake_engine(monkeypatch, fake)
     at = new_app()
     at.switch_page("app_pages/unlearn.py").run()
     no_exceptions(at)
@@ -464,7 +473,7 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
 
 def test_unlearn_cancel_keeps_runs_intact(app_env, monkeypatch) -> None:
     fake = GatedEngine(block=True)
-    monkeypatch.setattr(pipeline, "execute_run", fake)
+    use_fake_engine(monkeypatch, fake)
     before = {p.run_id for p in runs.list_runs(app_env["STRUCTGUARD_RUNS"])}
     at = new_app()
     at.session_state.selection = {4, 5}
@@ -570,7 +579,7 @@ def test_runs_table_compare_damaged_lineage_continue_delete(app_env, saved_run) 
 
 def test_two_sessions_never_share_selection_or_jobs(app_env, monkeypatch) -> None:
     fake = GatedEngine(block=True)
-    monkeypatch.setattr(pipeline, "execute_run", fake)
+    use_fake_engine(monkeypatch, fake)
     a, b = new_app(), new_app()
     assert a.session_state.token != b.session_state.token
     a.switch_page("app_pages/forget_set.py").run()
