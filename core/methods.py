@@ -38,6 +38,7 @@ class UnlearnConfig:
     cr_weight: float = 0.001          # weight of the classifier regulariser (CR)
     sa_weight: float = 1.0            # weight of the structure-alignment term (SA); the paper's is 1
     mix_weight: float = 0.0           # proxy methods: KL to the original on mixtures of forget images (0 = off)
+    mix_batch: int = 128              # mixtures per step for that term
     sa: bool = True                   # StructGuard ablation switches
     sr: bool = True
     cr: bool = True
@@ -79,8 +80,8 @@ class UnlearnConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
-        if self.n_adv < 1 or self.pgd_iters < 0:
-            raise ValueError("n_adv must be >= 1 and pgd_iters >= 0")
+        if self.n_adv < 1 or self.pgd_iters < 0 or self.mix_batch < 1:
+            raise ValueError("n_adv and mix_batch must be >= 1 and pgd_iters >= 0")
         if self.projector_init not in ("identity", "random"):
             raise ValueError("projector_init must be 'identity' or 'random'")
         choices = {"schedule": ("ours", "paper"), "deletion": ("ce", "masked_ce", "hinge", "hinge_active"),
@@ -461,7 +462,7 @@ def mixture_distillation(ctx: Context) -> torch.Tensor:
     """
     x_f, c = ctx.state["x_forget"], ctx.config
     g = torch.Generator().manual_seed(c.seed * 100_003 + ctx.step)
-    n = c.batch_size
+    n = c.mix_batch
     i, j = torch.randint(len(x_f), (n,), generator=g), torch.randint(len(x_f), (n,), generator=g)
     lam = (0.3 + 0.4 * torch.rand(n, generator=g)).to(x_f.device).view(-1, 1, 1, 1)
     x = lam * x_f[i] + (1 - lam) * x_f[j]

@@ -57,8 +57,8 @@ def _noop() -> None:
 
 
 def run_requests(requests: list[Any], send: Callable[..., None], cancelled: Callable[[], bool]) -> None:
-    """Run the requests one after another (core only), then prepare each new run's audit views; every
-    outcome is sent as a message, the last one "done", "cancelled" or "failed"."""
+    """Run the requests one after another (core only); every outcome is sent as a message, the last one
+    "done", "cancelled" or "failed"."""
     from core.engine import Callbacks
     from core.pipeline import execute_run
     from core.proxy import Cancelled
@@ -79,12 +79,6 @@ def run_requests(requests: list[Any], send: Callable[..., None], cancelled: Call
                 if cancelled() and dirs:
                     break  # keep the runs that completed before the cancel
                 raise
-        send("progress", 1.0, "preparing the audit views ...")
-        for d in dirs:  # so the Audit page opens without waiting for the drift map
-            try:
-                prepare_views(Path(d))
-            except Exception:  # the Audit page shows the problem when it is opened
-                pass
         send("cancelled" if cancelled() and not dirs else "done", dirs)
     except Cancelled:
         send("cancelled", dirs)
@@ -93,7 +87,8 @@ def run_requests(requests: list[Any], send: Callable[..., None], cancelled: Call
 
 
 def _child(requests: list[Any], env: dict[str, str], messages: Any, cancel: Any) -> None:
-    """The worker process: the job's environment and thread count, then run_requests."""
+    """The worker process: the job's environment and thread count, then run_requests. The audit views are
+    prepared by the server's pump thread (UMAP stays compiled there)."""
     os.environ.clear()
     os.environ.update(env)  # the fork server's environment is from when it started: use the job's
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C on the server stops the server, which stops us
@@ -106,7 +101,7 @@ def _child(requests: list[Any], env: dict[str, str], messages: Any, cancel: Any)
 
 
 def prepare_views(run_dir: Path) -> None:
-    """Fit a new run's drift map and cache it beside the run (core only)."""
+    """Fit a new run's drift map and cache it beside the run (core only: safe outside the script thread)."""
     from core.audit.views import drift_view
     from core.runs import class_names, load_run
 
@@ -181,6 +176,14 @@ def start(requests: list[Any], job: Any) -> threading.Thread:
                 partial = msg[1]
             else:
                 final = msg
+        dirs = [] if final is None else final[3] if final[0] == "failed" else final[1]
+        if dirs:  # in the server, where UMAP is compiled once (a new process would spend ~8 s loading it)
+            job.on_progress(1.0, "preparing the audit views ...")
+            for d in dirs:  # so the Audit page opens without waiting for the drift map
+                try:
+                    prepare_views(Path(d))
+                except Exception:  # the Audit page shows the problem when it is opened
+                    pass
         proc.join(GRACE_S)
         if proc.is_alive() and IN_PROCESS:
             proc.kill()
