@@ -4,7 +4,10 @@ cold: `python -m core unlearn --method structguard --k 32 --seed 0 --json` in a 
       (the runs folder already holds the original model's cached outputs, as after a first run;
       the very first run in a new runs folder also pays for measuring the original model).
 warm: execute_run in a process that has already done one run (model, data, encoder and the
-      original's outputs loaded), which is what the dashboard's "Start" button costs.
+      original's outputs loaded).
+dashboard: what the dashboard's "Start" button costs since runs left the server's interpreter
+      (issue 12): dashboard.worker.start with the fork server already started, from the call to the
+      job's end, which includes the drift map fitted for the Audit page (in this process, as in the server).
 
     python bench/speed.py [--repeats 3] [--out bench/results/speed-k32.md]
 
@@ -49,7 +52,8 @@ def main() -> int:
     from core.cli_unlearn import random_forget_ids
     from core.pipeline import RunRequest, execute_run
 
-    rows: dict[str, list[dict]] = {"cold (first run in a new runs folder)": [], "cold": [], "warm": []}
+    rows: dict[str, list[dict]] = {"cold (first run in a new runs folder)": [], "cold": [], "warm": [],
+                                   "dashboard (worker process)": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             fresh = str(Path(tmp) / f"fresh{i}")
@@ -66,17 +70,34 @@ def main() -> int:
                                  **{p: meta["timings"].get(p, 0.0) for p in PHASES},
                                  "A_f": meta["metrics"]["after"]["forget_acc"],
                                  "A_test": meta["metrics"]["after"]["test_acc"], "steps": meta["steps"]})
+        from dashboard import worker
+        from dashboard.jobs import Job
+
+        def via_worker() -> dict:
+            job, t0 = Job(token="speed", label="speed"), time.perf_counter()
+            worker.start([RunRequest(forget_ids=ids, method="structguard", runs_root=warm_root)], job).join()
+            wall = time.perf_counter() - t0
+            if job.status != "done":
+                raise RuntimeError(f"worker run {job.status}: {job.error}")
+            meta = json.loads((job.run_dirs[0] / "run.json").read_text())
+            return {"wall": wall, **{p: meta["timings"].get(p, 0.0) for p in PHASES},
+                    "A_f": meta["metrics"]["after"]["forget_acc"], "A_test": meta["metrics"]["after"]["test_acc"],
+                    "steps": meta["steps"]}
+
+        via_worker()  # starts the fork server (it preloads torch, core and the data) and compiles UMAP here
+        for _ in range(args.repeats):
+            rows["dashboard (worker process)"].append(via_worker())
     lines = [f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats} (min-max).", "",
-             "| path | wall s | proxy | importance | updates | eval (original) | eval (unlearned) | steps | A_f "
-             "| A_test |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| path | wall s | execute_run s | proxy | importance | updates | eval (original) | eval (unlearned) "
+             "| steps | A_f | A_test |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def med(values: list[float]) -> str:
         return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
     for name, rs in rows.items():
-        cols = [med([r[c] for r in rs]) for c in ("wall", "proxy", "importance", "updates", "evaluation_before",
+        cols = [med([r[c] for r in rs]) for c in ("wall", "total", "proxy", "importance", "updates", "evaluation_before",
                                                     "evaluation", "steps")]
         lines.append(f"| {name} | " + " | ".join(cols) + f" | {rs[0]['A_f']:.1f} | {rs[0]['A_test']:.2f} |")
     text = "\n".join(lines) + "\n"
