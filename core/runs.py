@@ -497,8 +497,12 @@ def unshare_run(run_dir: str | Path, secret: str | None) -> None:
 
 def check_share_key(run_dir: str | Path, key: object) -> bool:
     """Whether `key` opens this run: the run is a session's, shared now, and the key is its share key."""
-    path = Path(run_dir)
-    if not isinstance(key, str) or not key or _owner_of(path)[0] != "session":
+    return _owner_of(Path(run_dir))[0] == "session" and _share_key_matches(Path(run_dir), key)
+
+
+def _share_key_matches(path: Path, key: object) -> bool:
+    """The key's hash is the one share.json holds (the run is shared now); the run's origin is not checked."""
+    if not isinstance(key, str) or not key:
         return False
     try:
         record = json.loads((path / SHARE_FILE).read_text())
@@ -524,7 +528,7 @@ def visible_runs(root: str | Path | None, secret: str | None, grants: Mapping[st
         if info.origin == "session":
             if mine is not None and hmac.compare_digest(info.owner or "", mine):
                 info.access, info.shared = "own", is_shared(info.path)
-            elif info.run_id in grants and check_share_key(info.path, grants[info.run_id]):
+            elif info.run_id in grants and _share_key_matches(info.path, grants[info.run_id]):  # origin known
                 info.shared = True
             else:
                 continue
