@@ -97,8 +97,8 @@ def main() -> int:
         return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
     for name, rs in rows.items():
-        cols = [med([r[c] for r in rs]) for c in ("wall", "total", "proxy", "importance", "updates", "evaluation_before",
-                                                    "evaluation", "steps")]
+        cols = [med([r[c] for r in rs]) for c in ("wall", "total", "proxy", "importance", "updates",
+                                                    "evaluation_before", "evaluation", "steps")]
         lines.append(f"| {name} | " + " | ".join(cols) + f" | {rs[0]['A_f']:.1f} | {rs[0]['A_test']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)

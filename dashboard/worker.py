@@ -1,7 +1,8 @@
 """The engine outside the server's interpreter: one worker process per job (no Streamlit here).
 
 A job's runs execute in a child of a fork server that has already imported torch and core and
-loaded the default dataset and text encoder (`worker_preload`), so a run starts warm without sharing the interpreter (and its GIL, its garbage collector) with the Streamlit server.
+loaded the default dataset and text encoder (`worker_preload`), so a run starts warm without sharing
+the interpreter (and its GIL, its garbage collector) with the Streamlit server.
 The child streams ("progress" | "step" | "partial" | "done" | "failed" | "cancelled") messages over a
 queue; a pump thread in the server applies them to the session's `Job`. Cancel sets an event the
 engine checks about once a second; a child still alive GRACE_S later is killed and the run folder it

@@ -136,9 +136,10 @@ def test_cancel_while_making_the_proxy_set(data_dir, tmp_path) -> None:
 
 
 def test_cancel_while_measuring_importance(data_dir, tmp_path) -> None:
-    """SR importance (the default, batch-mean gradients) of 512 proxies, 16 at a time, before the first step."""
-    flip = Flip("structguard: preparing", 1.0)
-    cfg = {"n_adv": 64, "batch_size": 16, "importance_after": 0}
+    """SR importance (the default, batch-mean gradients) of 2,048 proxies, 16 at a time, before the first step
+    (on a quiet machine 512 of them took under the flip's delay, and the cancel landed in the updates)."""
+    flip = Flip("structguard: preparing", 0.25)
+    cfg = {"n_adv": 256, "batch_size": 16, "importance_after": 0}
     cancel_in("importance", flip, request(data_dir, tmp_path / "runs", cfg),
               "cancelled during the importance measurement")
     assert not any(": step " in m for _, m in flip.messages)

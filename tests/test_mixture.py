@@ -14,7 +14,7 @@ def _ctx(step: int = 3) -> Context:
     torch.manual_seed(0)
     original = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
     live = copy.deepcopy(original)
-    cfg = UnlearnConfig(method="adv", seed=5, batch_size=6, mix_weight=2.0)
+    cfg = UnlearnConfig(method="adv", seed=5, batch_size=6, mix_weight=2.0, mix_batch=6)
     ctx = Context(model=live, original=original, config=cfg, step=step)
     ctx.state["x_forget"] = torch.rand(4, 1, 4, 4)
     return ctx
