@@ -13,15 +13,18 @@ where UMAP is compiled once.
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
 import multiprocessing as mp
 import os
 import queue
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,9 +47,28 @@ def context() -> Any:
         return _CTX
 
 
+# Streamlit runs the app script as sys.modules["__main__"]; multiprocessing would run that file again in
+# every child (its "main module fixup"), the whole app in bare mode. A main named "*.__main__" is skipped.
+_MAIN_STUB = types.ModuleType("__main__")
+_MAIN_STUB.__spec__ = importlib.machinery.ModuleSpec("dashboard.__main__", None)
+_START_LOCK = threading.Lock()
+
+
+def _start(proc: Any) -> None:
+    """proc.start() without the app script as the child's main module."""
+    with _START_LOCK:
+        saved = sys.modules.get("__main__")
+        sys.modules["__main__"] = _MAIN_STUB
+        try:
+            proc.start()
+        finally:
+            if saved is not None:
+                sys.modules["__main__"] = saved
+
+
 def warm_up() -> None:
     """Start the fork server now (it imports torch and loads the default data: seconds, once per server)."""
-    threading.Thread(target=lambda: context().Process(target=_noop).start(), daemon=True,
+    threading.Thread(target=lambda: _start(context().Process(target=_noop)), daemon=True,
                      name="structguard-worker-warm-up").start()
 
 
@@ -136,7 +158,7 @@ def start(requests: list[Any], job: Any) -> threading.Thread:
         messages, cancel = ctx.Queue(), ctx.Event()
         proc = ctx.Process(target=_child, args=(requests, dict(os.environ), messages, cancel), daemon=True,
                            name=f"structguard-run-{job.token}")
-        proc.start()
+        _start(proc)
         job.pid = proc.pid
     else:
         messages, cancel = queue.Queue(), threading.Event()
