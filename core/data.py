@@ -319,8 +319,9 @@ def _read_image(path: Path, channels: int, size: int) -> np.ndarray:
     from .images import MAX_BYTES, decode_image
 
     try:
-        if path.stat().st_size > MAX_BYTES:  # checked before reading: a huge file costs nothing
-            raise ValueError(f"{path.stat().st_size / 1e6:.1f} MB is over the {MAX_BYTES / 1e6:.0f} MB limit per image")
+        size_bytes = path.stat().st_size
+        if size_bytes > MAX_BYTES:  # checked before reading: a huge file costs nothing
+            raise ValueError(f"{size_bytes / 1e6:.1f} MB is over the {MAX_BYTES / 1e6:.0f} MB limit per image")
         return decode_image(path.read_bytes(), (channels, size, size))
     except ValueError as exc:
         raise DataError(f"image folder file {path}: {exc}; remove or replace it") from exc

@@ -44,7 +44,7 @@ class Job:
     pid: int | None = None                  # the worker process
     handled: bool = False  # the session has recorded the outcome (script thread only)
 
-    # callbacks handed to core
+    # applied by the worker's pump thread
     def on_progress(self, fraction: float, message: str) -> None:
         with self.lock:
             self.fraction, self.message = float(min(max(fraction, 0.0), 1.0)), str(message)
@@ -52,9 +52,6 @@ class Job:
     def on_step(self, record: dict) -> None:
         with self.lock:
             self.history.append(dict(record))
-
-    def should_cancel(self) -> bool:
-        return self.cancel_event.is_set()
 
     def snapshot(self) -> dict:
         with self.lock:
