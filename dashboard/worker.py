@@ -144,7 +144,8 @@ def describe_exit(code: int | None) -> str:
     return f"the run's worker process ended unexpectedly (exit code {code}); nothing was saved, run it again"
 
 
-IN_PROCESS = True  # False: run in a thread of the server (tests that replace the engine by a fake set this)
+IN_PROCESS = os.environ.get("STRUCTGUARD_WORKER_PROCESS", "") == "1"  # off by default: a browser journey still hung
+# in 1 of 3 CI runs with it on (cause not found yet); tests/test_worker.py turns it on. Off: a server thread.
 
 
 def start(requests: list[Any], job: Any) -> threading.Thread:
