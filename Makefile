@@ -14,7 +14,7 @@ HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 APT_PACKAGES := chromium chromium-driver dataset-fashion-mnist
 REQS := requirements.txt requirements-lock.txt
-DEV_REQS := requirements-dev.txt requirements-dev-lock.txt
+DEV_REQS := requirements-dev.txt requirements-ray.txt requirements-dev-lock.txt
 STAMP := $(VENV)/.installed-run-$(shell cat $(REQS) 2>/dev/null | cksum | cut -d' ' -f1)
 DEV_STAMP := $(VENV)/.installed-dev-$(shell cat $(DEV_REQS) 2>/dev/null | cksum | cut -d' ' -f1)
 

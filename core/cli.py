@@ -21,12 +21,13 @@ from .engine import UnlearnError
 from .forget_ids import ForgetIdsError, read_forget_ids_file
 from .models import SAMPLE_MODELS, ModelError, list_models, list_sample_models, load_model, pick_device, save_model
 from .runs import RunError, clean_partials_once
+from .sweep import SweepError
 from .train import TrainConfig, accuracy, prepare_model, train_classifier
 
 # Errors a user causes (a bad path, file, name or choice): one line on stderr and exit code 2.
 # Anything else is a bug and keeps its traceback; STRUCTGUARD_DEBUG=1 (or true, yes, on) shows it for these too.
-USER_ERRORS = (AnchorError, DataError, EncoderError, ForgetIdsError, LLMError, ModelError, RunError, UnlearnError,
-               FileNotFoundError)
+USER_ERRORS = (AnchorError, DataError, EncoderError, ForgetIdsError, LLMError, ModelError, RunError, SweepError,
+               UnlearnError, FileNotFoundError)
 
 COMMANDS: dict[str, tuple[callable, callable]] = {}
 
@@ -238,7 +239,7 @@ def _load_optional_commands() -> None:
     """Sub-commands that live in their own modules register themselves on import."""
     import importlib
 
-    for mod in ("core.cli_unlearn", "core.cli_report", "core.cli_anchors"):
+    for mod in ("core.cli_unlearn", "core.cli_bench", "core.cli_report", "core.cli_anchors"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -11,6 +11,7 @@ execute_run passes typed values through five stages, each a short function:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -54,7 +55,7 @@ from .metrics import (
     structure_scores,
     true_class_confidence,
 )
-from .models import load_model, pick_device
+from .models import SAMPLE_MODELS, LoadedModel, load_model, pick_device
 from .peak_memory import PeakMemory
 from .train import prepare_model, to_device_format
 
@@ -86,6 +87,7 @@ class RunRequest:
     device: str | None = None
     uploads: list[tuple[np.ndarray, int]] = field(default_factory=list)  # user images (uint8 CxHxW, label)
     owner: str | None = None                    # sha256 of the dashboard session's owner secret; None: command line
+    bench_cell: str | None = None               # the bench cell this run is (core/cli_bench.py; --resume finds it)
 
 
 # ------------------------------------------------------------------------------ values between stages
@@ -187,6 +189,32 @@ def cached_dataset(name: str, data_dir: str | None) -> Dataset:
 @lru_cache(maxsize=4)
 def _cached_dataset(name: str, data_dir: str | None, _configured: str | None) -> Dataset:
     return load_dataset(name, data_dir)
+
+
+def cached_model(name_or_path: str) -> LoadedModel:
+    """A fresh copy of a model loaded once per process (a bench worker runs many cells on the same model);
+    the key holds the size and modification time of its files, so a changed file is read again."""
+    loaded = _cached_model(name_or_path, _model_stamp(name_or_path))
+    return LoadedModel(copy.deepcopy(loaded.model), copy.deepcopy(loaded.card), loaded.path)
+
+
+def _model_stamp(name_or_path: str) -> tuple:
+    path = Path(name_or_path)
+    files = [path, path.with_suffix(".json"), path.with_suffix(".safetensors"),
+             SAMPLE_MODELS / f"{name_or_path}.json", SAMPLE_MODELS / f"{name_or_path}.safetensors"]
+    return tuple((str(f), s.st_size, s.st_mtime_ns) for f in files if (s := _stat(f)))
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=2)
+def _cached_model(name_or_path: str, _stamp: tuple) -> LoadedModel:
+    return load_model(name_or_path)
 
 
 def code_version() -> str:
@@ -303,7 +331,7 @@ def load_start(request: RunRequest) -> StartModel:
         return StartModel(load_unlearned(parent.path), meta["model"]["card"], f"run:{parent.run_id}",
                           meta["model"]["name"], meta,
                           set(meta.get("all_forget_ids", meta.get("forget_ids", []))))
-    loaded = load_model(request.model)
+    loaded = cached_model(request.model)
     return StartModel(loaded.model, loaded.card, f"model:{loaded.card.get('weights_sha256', request.model)}",
                       request.model)
 

@@ -172,7 +172,7 @@ def write_cifar_dir(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli(repo_root: Path) -> Callable[..., subprocess.CompletedProcess]:
     """run_cli("info", "--json", env={...}, timeout=300) runs `python -m core ...` in the repo root."""
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from core.cli_unlearn import VARIANTS, _fmt, _variant, bench_table
+from core.cli_bench import VARIANTS, _fmt, _variant, bench_table
 from core.engine import UnlearnError
 
 
