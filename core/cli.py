@@ -20,7 +20,7 @@ from .encoders import EncoderError
 from .engine import UnlearnError
 from .forget_ids import ForgetIdsError, read_forget_ids_file
 from .models import SAMPLE_MODELS, ModelError, list_models, list_sample_models, load_model, pick_device, save_model
-from .runs import RunError, clean_partials_once
+from .runs import RunError, clean_partials_once, dismiss_interrupted, interrupted_runs
 from .sweep import SweepError
 from .train import TrainConfig, accuracy, prepare_model, train_classifier
 
@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_data_dir(args)
         if "runs_dir" in args:  # the commands that write runs: clear what killed runs left behind
             clean_partials_once(args.runs_dir)
+            for item in interrupted_runs(args.runs_dir, cli=True):  # said once, then forgotten
+                print(f"note: {item.describe()}", file=sys.stderr)
+                dismiss_interrupted(item)
         return args.func(args) or 0
     except USER_ERRORS as exc:
         if env_flag("STRUCTGUARD_DEBUG"):

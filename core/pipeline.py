@@ -665,44 +665,55 @@ def execute_run(request: RunRequest, callbacks: Callbacks | None = None) -> Path
     """Run one unlearning request and return the completed run directory."""
     cb = callbacks or Callbacks()
     t_start = time.perf_counter()
-    with PeakMemory() as memory:
-        cb.progress(0.0, "loading model and data")
-        res = resolve(request, cb)
-        runs.ensure_writable(runs.runs_root(request.runs_root))
-        cache = runs.runs_root(request.runs_root) / runs.CACHE_DIR
-        timings: dict[str, float] = {}
-
-        t0 = time.perf_counter()
-        cb.progress(0.02, "measuring the original model")
-        before = measure(res.start.model, res, original_key=res.start.key, cache_dir=cache,
-                         check=lambda: cb.check_cancel("measuring the original model"))
-        timings["evaluation_before"] = time.perf_counter() - t0
-
-        unl = unlearn(res, cb)
-        timings.update(unl.outcome.timings)
-
-        t0 = time.perf_counter()
-        cb.progress(0.86, "measuring the unlearned model")
-        evaluating = lambda: cb.check_cancel("evaluation")  # noqa: E731
-        evaluating()
-        after = measure(unl.model, res, check=evaluating)
-        timings["evaluation"] = time.perf_counter() - t0
-
-        anchors = res.anchor_set.matrix.cpu().numpy()
-        R = anchor_map(before.kept.features.shape[1], anchors.shape[1], res.config.seed).numpy()
-        m_before, m_after = summarise(before, res), summarise(after, res)
-        m_after["structure"] = structure(before, after, R, anchors)
-        m_after["structure_backbone"] = structure(before, after, R, anchors, backbone=True)
-        evaluating()
-        reference = retrain_reference(res, after, m_after, cache, evaluating)
-        evaluating()
-        audit = audit_arrays(res, before, after, unl, R)
-        timings["total"] = time.perf_counter() - t_start
-
-    metrics = {"before": m_before, "after": m_after, "retrain": reference}
-    final = save(res, unl, lambda run_id, card: run_meta(res, run_id, card, metrics, unl, timings, memory), audit, cb)
+    root = runs.runs_root(request.runs_root)
+    marker = None
+    try:
+        with PeakMemory() as memory:
+            cb.progress(0.0, "loading model and data")
+            res = resolve(request, cb)
+            runs.ensure_writable(root)
+            marker = runs.begin_run(root, {"method": request.method, "k": res.k, "seed": request.seed}, request.owner)
+            unl, metrics, timings, audit = _compute(res, cb, root, t_start)
+        final = save(res, unl, lambda run_id, card: run_meta(res, run_id, card, metrics, unl, timings, memory), audit,
+                     cb)
+    finally:
+        runs.end_run(marker)  # a killed process leaves it behind: the run is then listed as interrupted
     cb.progress(1.0, f"saved {final.name}")
     return final
+
+
+def _compute(res: Resolved, cb: Callbacks, root: Path, t_start: float) -> tuple[Unlearned, dict, dict, dict]:
+    """Measure the original model, unlearn, measure the result: the metrics, timings and audit arrays."""
+    cache = root / runs.CACHE_DIR
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    cb.progress(0.02, "measuring the original model")
+    before = measure(res.start.model, res, original_key=res.start.key, cache_dir=cache,
+                     check=lambda: cb.check_cancel("measuring the original model"))
+    timings["evaluation_before"] = time.perf_counter() - t0
+
+    unl = unlearn(res, cb)
+    timings.update(unl.outcome.timings)
+
+    t0 = time.perf_counter()
+    cb.progress(0.86, "measuring the unlearned model")
+    evaluating = lambda: cb.check_cancel("evaluation")  # noqa: E731
+    evaluating()
+    after = measure(unl.model, res, check=evaluating)
+    timings["evaluation"] = time.perf_counter() - t0
+
+    anchors = res.anchor_set.matrix.cpu().numpy()
+    R = anchor_map(before.kept.features.shape[1], anchors.shape[1], res.config.seed).numpy()
+    m_before, m_after = summarise(before, res), summarise(after, res)
+    m_after["structure"] = structure(before, after, R, anchors)
+    m_after["structure_backbone"] = structure(before, after, R, anchors, backbone=True)
+    evaluating()
+    reference = retrain_reference(res, after, m_after, cache, evaluating)
+    evaluating()
+    audit = audit_arrays(res, before, after, unl, R)
+    timings["total"] = time.perf_counter() - t_start
+    return unl, {"before": m_before, "after": m_after, "retrain": reference}, timings, audit
 
 
 __all__ = ["DataError", "Measured", "Resolved", "RunRequest", "cached_dataset", "execute_run", "measure", "resolve",

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 import zipfile
@@ -33,6 +34,8 @@ DEFAULT_CACHE_MB = 256
 # A run builds its folder (.<run_id>.partial) only while saving, its last few seconds, then renames it
 # into place; one older than an hour belongs to a killed process, never to a run still saving.
 PARTIAL_MAX_AGE_S = 3600
+WRITER_FILE = ".writer"     # in a .partial folder: the process writing it (process_token)
+RUNNING_DIR = ".running"    # <root>/.running/<id>.json while a run executes: left behind by a killed one
 
 
 class RunError(RuntimeError):
@@ -141,9 +144,11 @@ def ensure_writable(root: Path) -> None:
 
 
 def partial_dir(root: Path, run_id: str) -> Path:
-    """Where a run is built; renamed to root/run_id only when complete."""
+    """Where a run is built; renamed to root/run_id only when complete. It names the process writing it
+    (WRITER_FILE), so the next start removes it at once when that process was killed."""
     path = root / f".{run_id}.partial"
     path.mkdir(parents=True, exist_ok=False)
+    (path / WRITER_FILE).write_text(json.dumps(process_token()))
     return path
 
 
@@ -157,6 +162,7 @@ def finalize(partial: Path, meta: dict, audit: dict[str, np.ndarray], check=None
         np.savez_compressed(partial / "audit.npz", **audit)
         check()
         meta = dict(meta, status="complete")
+        (partial / WRITER_FILE).unlink(missing_ok=True)
         (partial / "run.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
         mode = file_mode()
         for f in partial.iterdir():  # one mode for every file of a run: the umask's
@@ -603,6 +609,105 @@ def prune_cache(directory: str | Path, limit: int | None = None, keep: Path | No
     return removed
 
 
+# ------------------------------------------------------------------------------ runs that were killed
+
+
+def process_token(pid: int | None = None) -> dict:
+    """This process (or `pid`) as host, pid and start time: a pid alone may be reused after a reboot."""
+    pid = pid or os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+
+
+def _process_start(pid: int) -> str | None:
+    try:  # field 22 of /proc/<pid>/stat: start time in clock ticks since boot (Linux)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def token_alive(token: object) -> bool:
+    """False only when the process is known to be gone: on this host, and its pid is free or another
+    process's. A token from another host, or none (a folder from before tokens), counts as alive."""
+    if not isinstance(token, dict) or not isinstance(token.get("pid"), int):
+        return True
+    if token.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(token["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        pass
+    return token.get("start") is None or _process_start(token["pid"]) == token.get("start")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def begin_run(root: Path, what: dict, owner: str | None = None) -> Path | None:
+    """Mark a run as executing in this process (removed by end_run, whatever the outcome). A marker whose
+    process is gone is a run that was interrupted: the process was killed, or the dashboard's server stopped.
+    None when the mark cannot be written (the run itself then reports the storage problem)."""
+    marker = root / RUNNING_DIR / f"{secrets.token_hex(8)}.json"
+    record = dict(what, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), process=process_token(),
+                  owner=owner_record(owner))
+    for _ in range(3):  # another run's end_run may remove the empty folder between the mkdir and the write
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, json.dumps(record), what="the run's marker")
+            return marker
+        except StorageError:
+            continue
+    return None
+
+
+def end_run(marker: Path | None) -> None:
+    """Remove the marker, and its folder once empty: a runs folder holds nothing of runs that ended."""
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+        try:
+            marker.parent.rmdir()
+        except OSError:  # other runs are executing
+            pass
+
+
+@dataclass
+class Interrupted:
+    """A run whose process stopped before it finished (its marker outlived it)."""
+
+    path: Path
+    record: dict
+
+    def describe(self) -> str:
+        r = self.record
+        return (f"{r.get('method', 'a run')} on {r.get('k', '?')} image(s), seed {r.get('seed', '?')}, started "
+                f"{r.get('started', '?')} was interrupted: its process stopped before it finished "
+                "(killed, or the dashboard's server restarted). Nothing was saved; start it again.")
+
+
+def interrupted_runs(root: str | Path | None = None, secret: str | None = None, cli: bool = False) -> list[Interrupted]:
+    """The interrupted runs of one dashboard session (its secret) or, with cli=True, of the command line."""
+    folder = runs_root(root) / RUNNING_DIR
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = _read_json(path)
+        if not isinstance(record, dict) or token_alive(record.get("process")):
+            continue
+        kind, digest = run_origin(record)
+        mine = kind == "cli" if cli else (kind == "session" and secret is not None and digest == owner_hash(secret))
+        if mine:
+            found.append(Interrupted(path, record))
+    return found
+
+
+def dismiss_interrupted(item: Interrupted) -> None:
+    item.path.unlink(missing_ok=True)
+
+
 def clean_partials(root: str | Path | None = None, older_than_s: float = PARTIAL_MAX_AGE_S) -> int:
     """Delete leftovers of killed runs (.<run_id>.partial older than older_than_s); returns how many."""
     root = runs_root(root)
@@ -614,7 +719,7 @@ def clean_partials(root: str | Path | None = None, older_than_s: float = PARTIAL
             age = time.time() - p.stat().st_mtime
         except OSError:  # removed meanwhile by another process cleaning the same root
             continue
-        if p.is_dir() and age > older_than_s:
+        if p.is_dir() and (age > older_than_s or not token_alive(_read_json(p / WRITER_FILE))):
             discard(p)
             n += 1
     return n

@@ -109,9 +109,11 @@ def run_requests(requests: list[Any], send: Callable[..., None], cancelled: Call
         send("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc(), dirs)
 
 
-def _child(requests: list[Any], env: dict[str, str], messages: Any, cancel: Any) -> None:
+def _child(requests: list[Any], env: dict[str, str], messages: Any, cancel: Any, server: dict | None = None) -> None:
     """The worker process: the job's environment and thread count, then run_requests. The audit views are
     prepared by the server's pump thread (UMAP stays compiled there)."""
+    if server is not None:
+        threading.Thread(target=_exit_with, args=(server,), daemon=True, name="structguard-server-watch").start()
     os.environ.clear()
     os.environ.update(env)  # the fork server's environment is from when it started: use the job's
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C on the server stops the server, which stops us
@@ -121,6 +123,16 @@ def _child(requests: list[Any], env: dict[str, str], messages: Any, cancel: Any)
 
     torch.set_num_threads(worker_preload.THREADS)  # the fork server ran on one (see worker_preload)
     run_requests(requests, lambda *msg: messages.put(msg), cancel.is_set)
+
+
+def _exit_with(server: dict) -> None:
+    """A run outlives no server: when the server's process is gone (killed, restarted), stop at once. The run's
+    marker and partial folder stay, so the next server lists it as interrupted and removes the folder."""
+    from core.runs import token_alive
+
+    while token_alive(server):
+        time.sleep(1.0)
+    os._exit(70)
 
 
 def prepare_views(run_dir: Path) -> None:
@@ -157,7 +169,10 @@ def start(requests: list[Any], job: Any) -> threading.Thread:
     if IN_PROCESS:
         ctx = context()
         messages, cancel = ctx.Queue(), ctx.Event()
-        proc = ctx.Process(target=_child, args=(requests, dict(os.environ), messages, cancel), daemon=True,
+        from core.runs import process_token
+
+        proc = ctx.Process(target=_child, args=(requests, dict(os.environ), messages, cancel, process_token()),
+                           daemon=True,
                            name=f"structguard-run-{job.token}")
         _start(proc)
         job.pid = proc.pid

@@ -18,6 +18,12 @@ st.caption("This session's runs, and read-only runs: those made from the command
            "hidden folder and renamed when complete, so an interrupted run never shows up as complete; a run "
            "folder that is not complete (a file missing or unreadable, no metrics) is listed as damaged, with the "
            "reason.")
+for item in core_runs.interrupted_runs(root, S.owner_secret()):
+    left, right = st.columns([6, 1])
+    left.warning(item.describe())
+    if right.button("Dismiss", key=f"dismiss-{item.path.name}"):
+        core_runs.dismiss_interrupted(item)
+        st.rerun()
 if not infos:
     st.info("No runs yet. Start one on the Unlearn page, or run the teaching demo on the Start page.")
     st.stop()

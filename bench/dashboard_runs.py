@@ -1,0 +1,176 @@
+"""Runs started from the real dashboard, in headless Chromium: their time against the same run from the
+command line, and a soak of many consecutive runs in one server (issue 12, items 1 and 5).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/dashboard_runs.py [--runs 20] [--k 4] [--cli 3] [--worker-process]
+
+One `streamlit run dashboard/app.py` server (the full Fashion-MNIST and the sample model, as `make run`
+has them), one browser session: pick k training images on the Forget set page, then, `--runs` times,
+click "Start unlearning" on the Unlearn page (StructGuard, the defaults for k with a small budget,
+SMALL) and wait for the Audit page. Each dashboard run is timed from the click to the Audit page's
+metrics (the user's wait) and by the run's own `execute_run` seconds (run.json). Then the same request
+(the run's forget ids, method, seed and budget) runs `--cli` times as `python -m core unlearn --ids FILE
+--json` in a fresh process (its wall time, imports included) on the same runs folder. The server's
+memory (VmRSS of the streamlit process) is read before the first run and after each one. Writes
+bench/results/dashboard_runs.md.
+
+Run it with nothing else on the machine: the numbers are wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ui_timings import ARGS, CHROMIUM, start_server, wait_health  # noqa: E402
+
+# CLI flag -> (the Unlearn page's field, value): a small budget so that 20 runs fit in minutes
+SMALL = {"--n-adv": ("Adversarial variants per forget image", "4"), "--pgd-iters": ("PGD iterations", "5"),
+         "--max-epochs": ("Max epochs", "10"), "--retain-eval": ("Retain-accuracy sample", "500")}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def idle(page, timeout: float = 120_000) -> None:
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout)
+
+
+def nav(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNavLink"]', has_text=title).first.click()
+    page.locator("h1", has_text=title).first.wait_for(timeout=300_000)
+    idle(page)
+
+
+def newest_run(root: Path, seen: set[str]) -> Path:
+    new = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in seen]
+    assert len(new) == 1, f"expected one new run, found {new}"
+    return new[0]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=20, help="consecutive dashboard runs (the soak)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--cli", type=int, default=3, help="command-line runs of the same request")
+    p.add_argument("--worker-process", action="store_true", help="STRUCTGUARD_WORKER_PROCESS=1 in the server")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dashboard_runs.md"))
+    args = p.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp(prefix="structguard-dashboard-runs-"))
+    root = tmp / "runs"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", STRUCTGUARD_RUNS=str(root), PYTHONUNBUFFERED="1")
+    env.pop("STRUCTGUARD_FASHION_DIR", None)
+    if args.worker_process:
+        env["STRUCTGUARD_WORKER_PROCESS"] = "1"
+    proc, url = start_server(env)
+    wait_health(url, 120)
+    dash: list[dict] = []
+    seen: set[str] = set()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.set_default_timeout(300_000)
+            page.goto(url)
+            page.locator("h1", has_text="StructGuard Studio").wait_for()
+            idle(page)
+            nav(page, "Forget set")
+            for _ in range(args.k):
+                page.get_by_role("button", name="select", exact=True).first.click()
+                idle(page)
+            page.get_by_text(f"Forget set: {args.k} images").wait_for()
+            nav(page, "Unlearn")  # a small budget, the same on the command line below
+            page.get_by_text("Evaluation", exact=True).click()
+            for label, value in SMALL.values():
+                box = page.get_by_role("spinbutton", name=label, exact=True)
+                box.fill(value)
+                box.press("Enter")
+                idle(page)
+            rss_start = rss_mb(proc.pid)
+            for i in range(args.runs):
+                nav(page, "Unlearn")
+                t0 = time.perf_counter()
+                page.get_by_role("button", name="Start unlearning").click()
+                page.locator("h1", has_text="Audit").wait_for(timeout=900_000)
+                page.get_by_text("Forget accuracy").first.wait_for()
+                wall = time.perf_counter() - t0
+                idle(page)
+                run = newest_run(root, seen)
+                seen.add(run.name)
+                meta = json.loads((run / "run.json").read_text())
+                assert (meta["config"]["n_adv"], meta["config"]["pgd_iters"]) == (4, 5), "the budget was not kept"
+                dash.append({"wall": wall, "execute_run": meta["timings"]["total"], "rss": rss_mb(proc.pid),
+                             "status": meta.get("status"), "A_f": meta["metrics"]["after"]["forget_acc"],
+                             "meta": meta})
+                print(f"dashboard run {i + 1}: {wall:.1f} s (execute_run {meta['timings']['total']:.1f} s), "
+                      f"server RSS {dash[-1]['rss']:.0f} MB", flush=True)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+    meta = dash[0]["meta"]
+    ids = tmp / "ids.json"
+    ids.write_text(json.dumps(meta["forget_ids"]))
+    cli: list[dict] = []
+    for i in range(args.cli):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "core", "unlearn", "--method", meta["method"], "--ids", str(ids),
+                              "--seed", str(meta["seed"]), "--json", "--runs-dir", str(root),
+                              *[x for flag, (_, value) in SMALL.items() for x in (flag, value)]], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        cli.append({"wall": time.perf_counter() - t0, "execute_run": row["timings"]["total"]})
+        print(f"cli run {i + 1}: {cli[-1]['wall']:.1f} s (execute_run {row['timings']['total']:.1f} s)", flush=True)
+
+    def med(rows: list[dict], key: str) -> str:
+        vals = [r[key] for r in rows]
+        return f"{statistics.median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
+
+    d_wall, c_wall = statistics.median(r["wall"] for r in dash), statistics.median(r["wall"] for r in cli)
+    rss = [r["rss"] for r in dash]
+    mode = "a worker process per job" if args.worker_process else "a thread of the server (the default)"
+    lines = [
+        "# Runs from the dashboard against the command line, and a soak", "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python bench/dashboard_runs.py "
+        f"{' '.join(sys.argv[1:])}` ({platform.platform()}, {os.cpu_count()} CPUs, load average at the end "
+        f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}). Dashboard runs executed in {mode}. "
+        f"Request: {meta['method']}, k={meta['k']}, seed {meta['seed']}, full Fashion-MNIST, the defaults for k "
+        f"with a small budget ({', '.join(f'{f} {v}' for f, (_, v) in SMALL.items())}).", "",
+        "| path | n | wall s, median (min-max) | execute_run s | ratio to the CLI (wall) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| dashboard: click to the Audit page | {len(dash)} | {med(dash, 'wall')} | {med(dash, 'execute_run')} | "
+        f"{d_wall / c_wall:.2f} |",
+        f"| CLI: `python -m core unlearn --ids ... --json`, fresh process | {len(cli)} | {med(cli, 'wall')} | "
+        f"{med(cli, 'execute_run')} | 1 |", "",
+        f"Soak: {len(dash)} consecutive runs in one server, "
+        f"{sum(r['status'] == 'complete' and r['A_f'] == 0.0 for r in dash)} complete with every image forgotten. "
+        f"Server RSS {rss_start:.0f} MB before the first run, {rss[0]:.0f} MB after it, {rss[-1]:.0f} MB after the "
+        f"last (largest {max(rss):.0f} MB); growth from run 1 to run {len(dash)}: {rss[-1] - rss[0]:+.0f} MB.", "",
+        "Per run (wall s / execute_run s / server RSS MB): "
+        + ", ".join(f"{r['wall']:.1f} / {r['execute_run']:.1f} / {r['rss']:.0f}" for r in dash), ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
