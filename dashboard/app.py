@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import streamlit as st  # noqa: E402
+from streamlit.runtime.scriptrunner_utils.exceptions import StopException  # noqa: E402
 
 from core.runs import clean_partials_once, runs_root  # noqa: E402
 from dashboard import resources as R  # noqa: E402
@@ -28,14 +29,16 @@ PAGES = Path(__file__).resolve().parent / "app_pages"
 
 st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:", layout="wide")
 S.session_token()
+S.keep_widgets()
 clean_partials_once(runs_root())  # folders of killed runs; once per process, though this script re-runs
-R.run_workers_started()  # runs execute in worker processes forked from a preloaded server (dashboard.worker)
+R.run_workers_started()  # with STRUCTGUARD_WORKER_PROCESS=1: the preloaded fork server of the run workers
 
 nav = st.navigation([st.Page(PAGES / file, title=title, icon=icon, url_path=url or None, default=not url)
                      for file, title, icon, url in widgets.PAGES])
 if S.accept_share_link() and nav.url_path != "audit":  # a share link opens its run's Audit view
     st.switch_page(PAGES / "audit.py")
 S.show_notice()
+st.session_state[widgets.CURRENT_PAGE] = nav.url_path  # widgets.finish_job knows when its switch has arrived
 
 with st.sidebar:
     st.caption("This session")
@@ -46,4 +49,9 @@ with st.sidebar:
     if run is not None:
         st.markdown(f"**Current run:** `{run.name}`")
 
-nav.run()
+try:
+    nav.run()
+except StopException:  # st.stop(): the page ended early, but it ended
+    widgets.page_done()
+    raise
+widgets.page_done()

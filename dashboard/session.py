@@ -249,11 +249,23 @@ def show_flash() -> None:
         getattr(st, kind)(message)
 
 
-def widget_defaults(**defaults: Any) -> None:
-    """Set first values of keyed widgets and keep them across page switches.
+KEPT = "_kept_widget_keys"
 
-    Streamlit drops the state of widgets that were not rendered in the last run;
-    re-assigning the value keeps it. Widgets using these keys must not pass `value=`.
+
+def widget_defaults(**defaults: Any) -> None:
+    """Set first values of keyed widgets and keep them across page switches (keep_widgets).
+
+    Widgets using these keys must not pass `value=`.
     """
+    kept = st.session_state.setdefault(KEPT, set())
     for k, v in defaults.items():
         st.session_state[k] = st.session_state[k] if k in st.session_state else v
+        kept.add(k)
+
+
+def keep_widgets() -> None:
+    """Called by app.py on every run, whatever the page: Streamlit deletes the state of a widget that a run
+    did not draw (so a value set on Unlearn was gone after a visit to Audit); re-assigning it keeps it."""
+    for k in st.session_state.get(KEPT, ()):
+        if k in st.session_state:
+            st.session_state[k] = st.session_state[k]

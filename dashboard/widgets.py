@@ -116,16 +116,42 @@ def sidebar_job() -> None:
 
 
 def finish_job(job: jobs.Job) -> None:
-    """Once per finished job: show its last run and open the follow-up page."""
+    """Once per finished job: show its last run and open the follow-up page (page_done ends it).
+
+    Streamlit merges pending reruns and keeps the page of the newest one, so a fragment's timer on the page
+    the user was on can undo the switch, before or during the follow-up page's run (seen in about 1 of 20
+    runs in a browser): until a run of the follow-up page has finished, a run elsewhere switches again."""
     snap = job.snapshot()
     if snap["status"] != "done" or not snap["run_dirs"] or job.handled:
         return
-    job.handled = True
+    target = st.session_state.get("job_open_page", "app_pages/audit.py")
+    if st.session_state.get(CURRENT_PAGE) == page_url(target):
+        return
     ids = [d.name for d in snap["run_dirs"]]
     S.set_current_run(snap["run_dirs"][-1])
     if len(ids) > 1:
         S.request_compare(ids)
-    st.switch_page(st.session_state.pop("job_open_page", "app_pages/audit.py"))
+    st.switch_page(target)
+
+
+def page_done() -> None:
+    """Called by app.py when a page's run has finished (also by st.stop(), not when a rerun cut it short):
+    the finished job's follow-up page has been shown."""
+    job = jobs.current_job()
+    if job is None or job.handled or job.status != "done":
+        return
+    target = st.session_state.get("job_open_page", "app_pages/audit.py")
+    if st.session_state.get(CURRENT_PAGE) == page_url(target):
+        job.handled = True
+        st.session_state.pop("job_open_page", None)
+
+
+CURRENT_PAGE = "_current_page_url"  # set by app.py on every run, before the sidebar and the page
+
+
+def page_url(path: str) -> str | None:
+    """The url path of a page given as "app_pages/<file>" (PAGES)."""
+    return next((url for file, _, _, url in PAGES if path.endswith(file)), None)
 
 
 def demo_launcher(model_name: str | None, ds: Any) -> None:

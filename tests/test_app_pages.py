@@ -656,3 +656,21 @@ def test_dashboard_and_report_draw_the_same_drift_map(app_env, saved_run, tmp_pa
     backbone = drift_view(saved_run, rec.audit, rec.meta, space="backbone")
     prediction = drift_view(saved_run, rec.audit, rec.meta)
     assert not np.allclose(backbone.result.after, prediction.result.after)
+
+
+def test_unlearn_settings_survive_a_visit_to_other_pages(app_env) -> None:
+    """Streamlit deletes the state of widgets a run does not draw; a budget set on Unlearn is kept anyway."""
+    at = new_app()
+    at.switch_page("app_pages/unlearn.py").run()
+
+    def pgd() -> int:
+        return next(n.value for n in at.number_input if n.label == "PGD iterations")
+
+    default = pgd()
+    next(n for n in at.number_input if n.label == "PGD iterations").set_value(default + 3).run()
+    for page in ("app_pages/audit.py", "app_pages/runs.py", "app_pages/forget_set.py"):
+        at.switch_page(page).run()
+        at.run()
+    at.switch_page("app_pages/unlearn.py").run()
+    assert not at.exception
+    assert pgd() == default + 3
