@@ -19,6 +19,7 @@ Run it with nothing else on the machine: the numbers are wall-clock seconds.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,6 +47,77 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _processes() -> list[tuple[int, int, int]]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,rss="], capture_output=True, text=True).stdout
+    return [(int(a), int(b), int(c)) for a, b, c in (line.split() for line in out.splitlines() if line.strip())]
+
+
+def children(pid: int) -> set[int]:
+    """Every process below pid (in worker mode: the fork server and the run workers)."""
+    rows, tree, grew = _processes(), {pid}, True
+    while grew:
+        new = {p for p, pp, _ in rows if pp in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree - {pid}
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of the server and its children."""
+    tree = children(pid) | {pid}
+    return sum(r for p, _, r in _processes() if p in tree) / 1024
+
+
+def describe_frame(direction: str, payload: bytes | str) -> str:
+    """One websocket frame of the Streamlit protocol in a line (for a stuck run's record)."""
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    if isinstance(payload, str):
+        return f"{direction} text {payload[:120]}"
+    msg = BackMsg() if direction == "out" else ForwardMsg()
+    try:
+        msg.ParseFromString(payload)
+    except Exception as exc:  # noqa: BLE001 (a record, not a check)
+        return f"{direction} undecodable ({exc})"
+    kind = msg.WhichOneof("type")
+    if kind == "rerun_script":
+        r = msg.rerun_script
+        return (f"out rerun page={r.page_script_hash[:8]} fragment={r.fragment_id[:12] or '-'} "
+                f"auto={r.is_auto_rerun}")
+    if direction == "out":
+        return f"out {kind}"
+    meta = msg.metadata
+    run = (f" [run {meta.run.script_run_id[:6]} fragments {[x[:8] for x in meta.run.fragment_ids]}]"
+           if meta.HasField("run") else "")
+    return f"in {_forward(kind, msg, meta)}{run}"
+
+
+def _forward(kind: str, msg: Any, meta: Any) -> str:
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    if kind == "new_session":
+        return f"new_session page={msg.new_session.page_script_hash[:8]}"
+    if kind == "delta":
+        d = msg.delta
+        what = d.WhichOneof("type")
+        el = d.new_element.WhichOneof("type") if what == "new_element" else ""
+        text = ""
+        if el == "heading":
+            text = d.new_element.heading.body[:30]
+        return (f"delta {list(meta.delta_path)} {what} {el} {text} page={meta.active_script_hash[:8]} "
+                f"fragment={d.fragment_id[:8]}")
+    if kind == "script_finished":
+        return f"script_finished {ForwardMsg.ScriptFinishedStatus.Name(msg.script_finished)}"
+    if kind == "auto_rerun":
+        return f"auto_rerun {msg.auto_rerun.interval} {msg.auto_rerun.fragment_id[:12]}"
+    if kind == "stop_auto_rerun":
+        return f"stop_auto_rerun {[f[:12] for f in msg.stop_auto_rerun.fragment_ids]}"
+    if kind == "navigation":
+        return f"navigation page={msg.navigation.page_script_hash[:8]}"
+    return kind
 
 
 def idle(page, timeout: float = 120_000) -> None:
@@ -81,7 +154,7 @@ def main() -> int:
     env.pop("STRUCTGUARD_FASHION_DIR", None)
     if args.worker_process:
         env["STRUCTGUARD_WORKER_PROCESS"] = "1"
-    proc, url = start_server(env)
+    proc, url = start_server(env, log=tmp / "server.log")
     wait_health(url, 120)
     dash: list[dict] = []
     seen: set[str] = set()
@@ -90,6 +163,13 @@ def main() -> int:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1500, "height": 1000})
             page.set_default_timeout(300_000)
+            frames: collections.deque = collections.deque(maxlen=1500)  # the protocol's last words, if a run sticks
+
+            def watch(ws) -> None:
+                ws.on("framereceived", lambda p: frames.append((time.time(), "in", p)))
+                ws.on("framesent", lambda p: frames.append((time.time(), "out", p)))
+
+            page.on("websocket", watch)
             page.goto(url)
             page.locator("h1", has_text="StructGuard Studio").wait_for()
             idle(page)
@@ -105,7 +185,7 @@ def main() -> int:
                 box.fill(value)
                 box.press("Enter")
                 idle(page)
-            rss_start = rss_mb(proc.pid)
+            rss_start, tree_start = rss_mb(proc.pid), tree_rss_mb(proc.pid)
             for i in range(args.runs):
                 nav(page, "Unlearn")
                 t0 = time.perf_counter()
@@ -115,6 +195,15 @@ def main() -> int:
                 except Exception:
                     shot = tmp / f"stuck-{i + 1}.png"
                     page.screenshot(path=str(shot), full_page=True)
+                    t_click = time.time() - (time.perf_counter() - t0)
+                    (tmp / f"stuck-{i + 1}-ws.txt").write_text("\n".join(
+                        f"{t - t_click:+8.2f} {describe_frame(d, p)}" for t, d, p in list(frames)))
+                    stacks = tmp / f"stuck-{i + 1}-stacks.txt"  # where the server and its children are
+                    with open(stacks, "w") as f:
+                        for pid in [proc.pid, *children(proc.pid)]:
+                            spy = Path(sys.executable).parent / "py-spy"
+                            subprocess.run([str(spy), "dump", "--locals", "--pid", str(pid)], stdout=f,
+                                           stderr=subprocess.STDOUT, check=False)
                     raise RuntimeError(f"run {i + 1}: no Audit page after {args.wait} s; screenshot {shot}") from None
                 page.get_by_text("Forget accuracy").first.wait_for()
                 wall = time.perf_counter() - t0
@@ -124,10 +213,11 @@ def main() -> int:
                 meta = json.loads((run / "run.json").read_text())
                 assert (meta["config"]["n_adv"], meta["config"]["pgd_iters"]) == (4, 5), "the budget was not kept"
                 dash.append({"wall": wall, "execute_run": meta["timings"]["total"], "rss": rss_mb(proc.pid),
+                             "tree": tree_rss_mb(proc.pid),
                              "status": meta.get("status"), "A_f": meta["metrics"]["after"]["forget_acc"],
                              "meta": meta})
                 print(f"dashboard run {i + 1}: {wall:.1f} s (execute_run {meta['timings']['total']:.1f} s), "
-                      f"server RSS {dash[-1]['rss']:.0f} MB", flush=True)
+                      f"server RSS {dash[-1]['rss']:.0f} MB (with its children {dash[-1]['tree']:.0f} MB)", flush=True)
             browser.close()
     finally:
         proc.terminate()
@@ -152,7 +242,7 @@ def main() -> int:
         return f"{statistics.median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
 
     d_wall, c_wall = statistics.median(r["wall"] for r in dash), statistics.median(r["wall"] for r in cli)
-    rss = [r["rss"] for r in dash]
+    rss, tree = [r["rss"] for r in dash], [r["tree"] for r in dash]
     forget_accs = ", ".join(sorted({f"{r['A_f']:.0f}" for r in dash}))
     mode = "a worker process per job" if args.worker_process else "a thread of the server (the default)"
     lines = [
@@ -172,9 +262,12 @@ def main() -> int:
         f"{sum(r['status'] == 'complete' for r in dash)} complete (A_f after: "
         f"{forget_accs} %). "
         f"Server RSS {rss_start:.0f} MB before the first run, {rss[0]:.0f} MB after it, {rss[-1]:.0f} MB after the "
-        f"last (largest {max(rss):.0f} MB); growth from run 1 to run {len(dash)}: {rss[-1] - rss[0]:+.0f} MB.", "",
-        "Per run (wall s / execute_run s / server RSS MB): "
-        + ", ".join(f"{r['wall']:.1f} / {r['execute_run']:.1f} / {r['rss']:.0f}" for r in dash), ""]
+        f"last (largest {max(rss):.0f} MB); growth from run 1 to run {len(dash)}: {rss[-1] - rss[0]:+.0f} MB. "
+        f"With its child processes (the fork server and run workers in worker mode): "
+        f"{tree_start:.0f} MB before, {tree[0]:.0f} after run 1, "
+        f"{tree[-1]:.0f} after the last (largest {max(tree):.0f}).", "",
+        "Per run (wall s / execute_run s / server RSS MB / with children MB): "
+        + ", ".join(f"{r['wall']:.1f} / {r['execute_run']:.1f} / {r['rss']:.0f} / {r['tree']:.0f}" for r in dash), ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

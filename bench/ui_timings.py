@@ -36,11 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_server(env: dict[str, str], log: Path | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the server's life, not a block's)
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
-                             "--server.port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                             "--server.port", str(port)], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT if log else subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 
 

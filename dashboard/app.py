@@ -39,6 +39,7 @@ if S.accept_share_link() and nav.url_path != "audit":  # a share link opens its 
     st.switch_page(PAGES / "audit.py")
 S.show_notice()
 st.session_state[widgets.CURRENT_PAGE] = nav.url_path  # widgets.finish_job knows when its switch has arrived
+st.session_state[widgets.SHOWN_PAGE] = nav  # widgets.recover_stale_page mends a stale timer's run
 
 with st.sidebar:
     st.caption("This session")

@@ -22,6 +22,8 @@ import streamlit as st
 
 from dashboard import session
 
+SETTLE_S = 5.0  # the sidebar polls this long after a finished job's follow-up page opened (recover_stale_page)
+
 
 @dataclass
 class Job:
@@ -43,6 +45,12 @@ class Job:
     thread: threading.Thread | None = None  # the pump thread (joins once the worker process has ended)
     pid: int | None = None                  # the worker process
     handled: bool = False  # the session has recorded the outcome (script thread only)
+    handled_at: float = 0.0  # when: the follow-up page had finished its first run
+
+    def settling(self) -> bool:
+        """The session still polls: the job runs, or its follow-up page is new (widgets.recover_stale_page)."""
+        return self.status == "running" or (self.status == "done" and bool(self.run_dirs) and (
+            not self.handled or time.time() - self.handled_at < SETTLE_S))
 
     # applied by the worker's pump thread
     def on_progress(self, fraction: float, message: str) -> None:

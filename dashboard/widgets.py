@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -96,23 +97,45 @@ def job_panel(key: str) -> None:
         st.error(f"The run failed: {snap['error']}")
 
 
+SHOWN_PAGE = "_shown_page"  # the page of the last full run (a StreamlitPage), set by app.py
+
+
 def sidebar_job() -> None:
-    """A small progress line on every page while this session's job runs; records the outcome once it ends."""
+    """A small progress line on every page while this session's job runs; records the outcome once it ends.
+
+    Its timer also keeps the browser on the page the server last ran (recover_stale_page), while the job
+    runs and until jobs.SETTLE_S after its follow-up page opened."""
     job = jobs.current_job()
     if job is None:
         return
     running = job.status == "running"
+    polling = job.settling()
 
-    @st.fragment(run_every=2.0 if running else None)
+    @st.fragment(run_every=1.0 if polling else None)
     def mini() -> None:
+        recover_stale_page()
         snap = job.snapshot()
         if snap["status"] == "running":
             st.progress(snap["fraction"], text=f"**{snap['label']}**  \n{snap['message']}")
-        elif running:
-            st.rerun()
+        elif running or not job.settling():
+            st.rerun()  # record the outcome and open the follow-up page, or stop polling
 
     mini()
     finish_job(job)
+
+
+def recover_stale_page() -> None:
+    """In a fragment run: if its request came from another page than the last full run's, open that page.
+
+    A fragment timer's request carries the page the browser was on when it fired. Handled after a page
+    switch (the follow-up page of a finished job, or a click), Streamlit tells the browser it is on the old
+    page again, and the browser drops the new page's elements: an empty main area that stays until the
+    next click (seen in bench/dashboard_runs.py, about 1 in 15 runs). Running the shown page again mends it."""
+    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+    ctx, shown = get_script_run_ctx(), st.session_state.get(SHOWN_PAGE)
+    if ctx is not None and shown is not None and ctx.page_script_hash != shown._script_hash:
+        st.switch_page(shown)
 
 
 def finish_job(job: jobs.Job) -> None:
@@ -142,7 +165,7 @@ def page_done() -> None:
         return
     target = st.session_state.get("job_open_page", "app_pages/audit.py")
     if st.session_state.get(CURRENT_PAGE) == page_url(target):
-        job.handled = True
+        job.handled, job.handled_at = True, time.time()
         st.session_state.pop("job_open_page", None)
 
 
