@@ -211,7 +211,11 @@ def main() -> int:
                 run = newest_run(root, seen)
                 seen.add(run.name)
                 meta = json.loads((run / "run.json").read_text())
-                assert (meta["config"]["n_adv"], meta["config"]["pgd_iters"]) == (4, 5), "the budget was not kept"
+                if (meta["config"]["n_adv"], meta["config"]["pgd_iters"]) != (4, 5):
+                    t_click = time.time() - (time.perf_counter() - t0)
+                    (tmp / f"reset-{i + 1}-ws.txt").write_text("\n".join(
+                        f"{t - t_click:+8.2f} {describe_frame(d, p)}" for t, d, p in list(frames)))
+                    raise RuntimeError(f"run {i + 1}: the Unlearn page's budget was not kept; record in {tmp}")
                 dash.append({"wall": wall, "execute_run": meta["timings"]["total"], "rss": rss_mb(proc.pid),
                              "tree": tree_rss_mb(proc.pid),
                              "status": meta.get("status"), "A_f": meta["metrics"]["after"]["forget_acc"],

@@ -117,7 +117,7 @@ def sidebar_job() -> None:
         snap = job.snapshot()
         if snap["status"] == "running":
             st.progress(snap["fraction"], text=f"**{snap['label']}**  \n{snap['message']}")
-        elif running or not job.settling():
+        elif running or (polling and not job.settling()):  # as of the full run that drew it: a timer's run
             st.rerun()  # record the outcome and open the follow-up page, or stop polling
 
     mini()

@@ -447,6 +447,14 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     assert req.method == "structguard" and req.seed == 7 and sorted(req.forget_ids) == [0, 1, 2, 3]
     assert req.config["sr"] is False and req.config["max_epochs"] == 3
     assert at.title[0].value == "Audit", ([e.value for e in at.error], [w.value for w in at.warning])
+    from dashboard import jobs
+
+    job = jobs.registry()[at.session_state.token]  # the sidebar polls a few seconds more (recover_stale_page),
+    assert job.handled and job.settling()           # then stops, without re-running the page again and again
+    job.handled_at -= jobs.SETTLE_S
+    at.switch_page("app_pages/audit.py").run()
+    no_exceptions(at)
+    assert at.title[0].value == "Audit" and not job.settling()
 
     at.switch_page("app_pages/unlearn.py").run()
     at.segmented_control(key="un_method").set_value("neggrad").run()
