@@ -1,7 +1,7 @@
 """Runs started from the real dashboard, in headless Chromium: their time against the same run from the
 command line, and a soak of many consecutive runs in one server (issue 12, items 1 and 5).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/dashboard_runs.py [--runs 20] [--k 4] [--cli 3] [--worker-process]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/dashboard_runs.py [--runs 20] [--k 4] [--cli 3] [--thread]
 
 One `streamlit run dashboard/app.py` server (the full Fashion-MNIST and the sample model, as `make run`
 has them), one browser session: pick k training images on the Forget set page, then, `--runs` times,
@@ -143,7 +143,7 @@ def main() -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--cli", type=int, default=3, help="command-line runs of the same request")
     p.add_argument("--wait", type=float, default=600, help="seconds to wait for a run's Audit page")
-    p.add_argument("--worker-process", action="store_true", help="STRUCTGUARD_WORKER_PROCESS=1 in the server")
+    p.add_argument("--thread", action="store_true", help="STRUCTGUARD_WORKER_PROCESS=0: runs in a server thread")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dashboard_runs.md"))
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
@@ -152,8 +152,7 @@ def main() -> int:
     root = tmp / "runs"
     env = dict(os.environ, HF_HUB_OFFLINE="1", STRUCTGUARD_RUNS=str(root), PYTHONUNBUFFERED="1")
     env.pop("STRUCTGUARD_FASHION_DIR", None)
-    if args.worker_process:
-        env["STRUCTGUARD_WORKER_PROCESS"] = "1"
+    env["STRUCTGUARD_WORKER_PROCESS"] = "0" if args.thread else "1"
     proc, url = start_server(env, log=tmp / "server.log")
     wait_health(url, 120)
     dash: list[dict] = []
@@ -248,7 +247,7 @@ def main() -> int:
     d_wall, c_wall = statistics.median(r["wall"] for r in dash), statistics.median(r["wall"] for r in cli)
     rss, tree = [r["rss"] for r in dash], [r["tree"] for r in dash]
     forget_accs = ", ".join(sorted({f"{r['A_f']:.0f}" for r in dash}))
-    mode = "a worker process per job" if args.worker_process else "a thread of the server (the default)"
+    mode = "a thread of the server" if args.thread else "a worker process per job (the default)"
     lines = [
         "# Runs from the dashboard against the command line, and a soak", "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python bench/dashboard_runs.py "

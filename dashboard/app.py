@@ -31,7 +31,7 @@ st.set_page_config(page_title="StructGuard Studio", page_icon=":material/shield:
 S.session_token()
 S.keep_widgets()
 clean_partials_once(runs_root())  # folders of killed runs; once per process, though this script re-runs
-R.run_workers_started()  # with STRUCTGUARD_WORKER_PROCESS=1: the preloaded fork server of the run workers
+R.run_workers_started()  # unless STRUCTGUARD_WORKER_PROCESS=0: the preloaded fork server of the run workers
 
 nav = st.navigation([st.Page(PAGES / file, title=title, icon=icon, url_path=url or None, default=not url)
                      for file, title, icon, url in widgets.PAGES])

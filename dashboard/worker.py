@@ -156,8 +156,8 @@ def describe_exit(code: int | None) -> str:
     return f"the run's worker process ended unexpectedly (exit code {code}); nothing was saved, run it again"
 
 
-IN_PROCESS = os.environ.get("STRUCTGUARD_WORKER_PROCESS", "") == "1"  # off by default: a browser journey still hung
-# in 1 of 3 CI runs with it on (cause not found yet); tests/test_worker.py turns it on. Off: a server thread.
+IN_PROCESS = os.environ.get("STRUCTGUARD_WORKER_PROCESS", "1") != "0"  # 0: a server thread (tests with a fake
+# engine turn it off). The browser-journey hangs once blamed on it were Streamlit page-switch races (widgets.py).
 
 
 def start(requests: list[Any], job: Any) -> threading.Thread:

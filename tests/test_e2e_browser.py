@@ -148,11 +148,14 @@ class TimerRequests:
 
         ws.on_message(from_page)
 
-    def send_stale(self) -> None:
-        """Send again the last timer request the page sent from another page than its current one."""
-        current = self.sent[-1][0]
-        stale = [m for h, m in self.sent if m and h != current]
-        assert stale, "no timer request from an earlier page was recorded"
+    def page_hash(self) -> str:
+        """The page of the page's latest request (Streamlit's hash of it)."""
+        return self.sent[-1][0]
+
+    def send_stale(self, page_hash: str) -> None:
+        """Send again the last timer request the page sent while it was on page_hash."""
+        stale = [m for h, m in self.sent if m and h == page_hash]
+        assert stale, f"no timer request was recorded from page {page_hash}: {[h[:8] for h, m in self.sent if m]}"
         self.server.send(stale[-1])
 
 
@@ -214,6 +217,7 @@ def journey(page, browser, url: str, tmp: Path, timers: TimerRequests) -> None:
     page.get_by_role("button", name="Start unlearning").click()
     progress = page.locator('[data-testid="stProgress"]').first
     progress.wait_for(timeout=300_000)
+    unlearn = timers.page_hash()
     page.wait_for_timeout(1500)
     if progress.is_visible():
         progress.scroll_into_view_if_needed()
@@ -228,7 +232,7 @@ def journey(page, browser, url: str, tmp: Path, timers: TimerRequests) -> None:
     page.evaluate("""() => { window.auditGone = false; new MutationObserver(() => {
         if (![...document.querySelectorAll('h1')].some(h => h.innerText.includes('Audit'))) window.auditGone = true;
     }).observe(document.body, {childList: true, subtree: true}); }""")
-    timers.send_stale()
+    timers.send_stale(unlearn)
     page.wait_for_function("window.auditGone", timeout=30_000)  # the race happened: the page was emptied
     page.get_by_text("Forget accuracy").first.wait_for(timeout=30_000)  # and it came back by itself
     idle(page, 120_000)
