@@ -144,6 +144,9 @@ def main() -> int:
     p.add_argument("--cli", type=int, default=3, help="command-line runs of the same request")
     p.add_argument("--wait", type=float, default=600, help="seconds to wait for a run's Audit page")
     p.add_argument("--thread", action="store_true", help="STRUCTGUARD_WORKER_PROCESS=0: runs in a server thread")
+    p.add_argument("--max-growth", type=float, default=5.0,
+                   help="MB per run: the server's RSS may grow at most this much from run 1 to the last")
+    p.add_argument("--max-ratio", type=float, default=1.2, help="dashboard wall / CLI wall (medians) at most")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dashboard_runs.md"))
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
@@ -271,9 +274,16 @@ def main() -> int:
         f"{tree[-1]:.0f} after the last (largest {max(tree):.0f}).", "",
         "Per run (wall s / execute_run s / server RSS MB / with children MB): "
         + ", ".join(f"{r['wall']:.1f} / {r['execute_run']:.1f} / {r['rss']:.0f} / {r['tree']:.0f}" for r in dash), ""]
+    per_run = (rss[-1] - rss[0]) / max(len(rss) - 1, 1)
+    verdict = [f"every run complete: {'yes' if all(r['status'] == 'complete' for r in dash) else 'NO'}",
+               f"server RSS growth {per_run:.1f} MB per run (bound {args.max_growth:g}): "
+               f"{'met' if per_run <= args.max_growth else 'NOT MET'}",
+               f"dashboard / CLI wall {d_wall / c_wall:.2f} (bound {args.max_ratio:g}): "
+               f"{'met' if d_wall / c_wall <= args.max_ratio else 'NOT MET'}"]
+    lines += ["Checks: " + "; ".join(verdict) + ".", ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
-    return 0
+    return 1 if any("NO" in v.split(":")[-1] for v in verdict) else 0
 
 
 if __name__ == "__main__":
