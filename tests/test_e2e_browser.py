@@ -129,11 +129,13 @@ class TimerRequests:
 
     def __init__(self, page) -> None:
         self.server = None
-        self.sent: list[tuple[str, bytes]] = []  # (page hash, message) of every rerun request, in order
+        self.sent: list[tuple[str, str, bytes]] = []  # (page hash, fragment id, message) of each rerun request
+        self.sidebar_fragments: set[str] = set()  # fragments drawn in the sidebar (on every page)
         page.route_web_socket(re.compile(r".*/_stcore/stream$"), self._route)
 
     def _route(self, ws) -> None:
         from streamlit.proto.BackMsg_pb2 import BackMsg
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
         self.server = ws.connect_to_server()
 
@@ -143,19 +145,31 @@ class TimerRequests:
                 msg.ParseFromString(message)
                 if msg.WhichOneof("type") == "rerun_script":
                     r = msg.rerun_script
-                    self.sent.append((r.page_script_hash, message if r.fragment_id and r.is_auto_rerun else b""))
+                    self.sent.append((r.page_script_hash, r.fragment_id if r.is_auto_rerun else "", message))
             self.server.send(message)
 
+        def from_server(message) -> None:
+            if isinstance(message, bytes):
+                msg = ForwardMsg()
+                msg.ParseFromString(message)
+                if msg.WhichOneof("type") == "delta" and msg.delta.fragment_id and msg.metadata.delta_path[:1] == [1]:
+                    self.sidebar_fragments.add(msg.delta.fragment_id)
+            ws.send(message)
+
         ws.on_message(from_page)
+        self.server.on_message(from_server)
 
     def page_hash(self) -> str:
         """The page of the page's latest request (Streamlit's hash of it)."""
         return self.sent[-1][0]
 
     def send_stale(self, page_hash: str) -> None:
-        """Send again the last timer request the page sent while it was on page_hash."""
-        stale = [m for h, m in self.sent if m and h == page_hash]
-        assert stale, f"no timer request was recorded from page {page_hash}: {[h[:8] for h, m in self.sent if m]}"
+        """Send again the last timer request of the sidebar's fragment that the page sent from page_hash.
+
+        Handled after the switch, it runs the fragment with the old page's hash: the browser takes the old
+        page for current and drops the new page's elements."""
+        stale = [m for h, f, m in self.sent if f in self.sidebar_fragments and h == page_hash]
+        assert stale, f"no timer request of the sidebar's fragment was recorded from page {page_hash}"
         self.server.send(stale[-1])
 
 
@@ -234,7 +248,8 @@ def journey(page, browser, url: str, tmp: Path, timers: TimerRequests) -> None:
     }).observe(document.body, {childList: true, subtree: true}); }""")
     timers.send_stale(unlearn)
     page.wait_for_function("window.auditGone", timeout=30_000)  # the race happened: the page was emptied
-    page.get_by_text("Forget accuracy").first.wait_for(timeout=30_000)  # and it came back by itself
+    page.locator("h1", has_text="Audit").wait_for(timeout=30_000)  # and it came back by itself
+    page.get_by_text("Forget accuracy").first.wait_for(timeout=30_000)
     idle(page, 120_000)
     shot(page, "5-audit")
     page.locator('[data-testid="stButtonGroup"] button', has_text="Drift").first.click()
