@@ -38,8 +38,7 @@ nav = st.navigation([st.Page(PAGES / file, title=title, icon=icon, url_path=url 
 if S.accept_share_link() and nav.url_path != "audit":  # a share link opens its run's Audit view
     st.switch_page(PAGES / "audit.py")
 S.show_notice()
-st.session_state[widgets.CURRENT_PAGE] = nav.url_path  # widgets.finish_job knows when its switch has arrived
-st.session_state[widgets.SHOWN_PAGE] = nav  # widgets.recover_stale_page mends a stale timer's run
+st.session_state[widgets.SHOWN_PAGE] = nav  # finish_job knows when its switch has arrived; recover_stale_page
 
 with st.sidebar:
     st.caption("This session")

@@ -249,8 +249,7 @@ def show_flash() -> None:
         getattr(st, kind)(message)
 
 
-KEPT = "_kept_widget_keys"
-KEPT_VALUES = "_kept_widget_values"  # their last values, under a key no widget owns
+KEPT = "_kept_widget_values"  # keyed widgets kept across pages -> their last values, under a key no widget owns
 
 
 def widget_defaults(**defaults: Any) -> None:
@@ -258,21 +257,19 @@ def widget_defaults(**defaults: Any) -> None:
 
     Widgets using these keys must not pass `value=`.
     """
-    kept = st.session_state.setdefault(KEPT, set())
-    saved = st.session_state.setdefault(KEPT_VALUES, {})
+    kept = st.session_state.setdefault(KEPT, {})
     for k, v in defaults.items():
-        st.session_state[k] = st.session_state[k] if k in st.session_state else saved.get(k, v)
-        kept.add(k)
+        kept[k] = st.session_state[k] = st.session_state[k] if k in st.session_state else kept.get(k, v)
 
 
 def keep_widgets() -> None:
     """Called by app.py on every run, whatever the page: Streamlit deletes the state of a widget that a run
     did not draw (so a value set on Unlearn was gone after a visit to Audit); re-assigning it keeps it.
-    A copy under a plain key brings it back where Streamlit dropped it anyway (after a fragment's run on
-    another page, seen in bench/dashboard_runs.py)."""
-    saved = st.session_state.setdefault(KEPT_VALUES, {})
-    for k in st.session_state.get(KEPT, ()):
+    The copy in KEPT brings it back where Streamlit dropped it anyway (after a fragment's run on another
+    page, seen in bench/dashboard_runs.py)."""
+    kept = st.session_state.get(KEPT, {})
+    for k in kept:
         if k in st.session_state:
-            saved[k] = st.session_state[k] = st.session_state[k]
-        elif k in saved:
-            st.session_state[k] = saved[k]
+            kept[k] = st.session_state[k] = st.session_state[k]
+        else:
+            st.session_state[k] = kept[k]

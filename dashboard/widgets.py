@@ -147,8 +147,8 @@ def finish_job(job: jobs.Job) -> None:
     snap = job.snapshot()
     if snap["status"] != "done" or not snap["run_dirs"] or job.handled:
         return
-    target = st.session_state.get("job_open_page", "app_pages/audit.py")
-    if st.session_state.get(CURRENT_PAGE) == page_url(target):
+    target = follow_up_page()
+    if on_page(target):
         return
     ids = [d.name for d in snap["run_dirs"]]
     S.set_current_run(snap["run_dirs"][-1])
@@ -163,18 +163,21 @@ def page_done() -> None:
     job = jobs.current_job()
     if job is None or job.handled or job.status != "done":
         return
-    target = st.session_state.get("job_open_page", "app_pages/audit.py")
-    if st.session_state.get(CURRENT_PAGE) == page_url(target):
+    if on_page(follow_up_page()):
         job.handled, job.handled_at = True, time.time()
         st.session_state.pop("job_open_page", None)
 
 
-CURRENT_PAGE = "_current_page_url"  # set by app.py on every run, before the sidebar and the page
+def follow_up_page() -> str:
+    """The page a finished job opens, as "app_pages/<file>"."""
+    return st.session_state.get("job_open_page", "app_pages/audit.py")
 
 
-def page_url(path: str) -> str | None:
-    """The url path of a page given as "app_pages/<file>" (PAGES)."""
-    return next((url for file, _, _, url in PAGES if path.endswith(file)), None)
+def on_page(path: str) -> bool:
+    """Whether the last full run (app.py's SHOWN_PAGE) was the page given as "app_pages/<file>" (PAGES)."""
+    shown = st.session_state.get(SHOWN_PAGE)
+    url = next((url for file, _, _, url in PAGES if path.endswith(file)), None)
+    return shown is not None and shown.url_path == url
 
 
 def demo_launcher(model_name: str | None, ds: Any) -> None:
