@@ -82,7 +82,7 @@ def main() -> int:
             continue
         print(json.dumps(over), f"k={k} seed={seed} A_f {accuracy(out.model, x_f, y_f):.1f} "
               f"A_r {accuracy(out.model, x_r, y_r):.2f} steps {out.steps} {time.perf_counter() - t0:.0f}s "
-              f"importance {out.extra.get('importance')}", flush=True)
+              f"phases {json.dumps({k: round(v, 1) for k, v in out.timings.items()})}", flush=True)
     return 0
 
 

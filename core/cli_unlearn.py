@@ -19,18 +19,24 @@ from .encoders import ENCODER_NAMES, EncoderError
 from .engine import Callbacks, UnlearnError
 from .forget_ids import read_forget_ids_file
 from .methods import METHODS, UnlearnConfig, default_config
+from .models import STAGES
 
 if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): imported where a run needs it
     from .pipeline import RunRequest
 
 CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
-                "max_epochs", "projector_init", "schedule", "deletion", "margin", "bn", "mix_weight")
-CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge", "hinge_active", "masked_ce", "ce"),
-           "bn": ("frozen", "train"), "projector_init": ("identity", "random")}
+                "max_epochs", "projector_init", "schedule", "deletion", "margin", "dual_lr", "bn", "mix_weight",
+                "train_from")
+CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
+           "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES}
 HELP = {"schedule": "ours (default: engine v2) or paper (the authors' loop: CE ascent, train-mode BN, random "
                     "projector, their budgets and learning rates)",
-        "deletion": "deletion term: hinge (bounded, default), hinge_active (the hinge averaged over the images "
-                    "it still pushes), masked_ce, or ce (the published ascent)",
+        "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist; "
+                    "default), hinge, hinge_active (the hinge averaged over the images it still pushes), masked_ce, "
+                    "or ce (the published ascent)",
+        "dual_lr": "hinge_dual: how fast an image's share of the push grows while it resists",
+        "train_from": "first ResNet stage the run updates; the ones before keep the original weights and run once "
+                      "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",
         "mix_weight": "weight of the retention term on mixtures of forget images (Adv, L2UL, StructGuard; "
                       "0 = off; default: tuned per forget size, docs/METHOD.md)"}

@@ -6,7 +6,8 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .methods import Batch, Context, UnlearnConfig, get_method, original_proxy_features
-from .models import ResNet, load_weights, model_from_card
+from .methods import Batch, Context, Method, UnlearnConfig, get_method, mixture_pool, original_proxy_features
+from .models import ResNet, freeze_before, load_weights, model_from_card
 from .proxy import Cancelled, make_proxy_set
 
 
@@ -129,9 +130,12 @@ class Callbacks:
     on_progress: Callable[[float, str], None] | None = None   # fraction in [0, 1], phase message
     on_step: Callable[[dict], None] | None = None             # one history record per update step
     should_cancel: Callable[[], bool] | None = None
-    on_snapshot: Callable[[int, nn.Module], None] | None = None  # (step, live model in eval mode)
+    # Snapshots of the prediction-path features of `snapshot_inputs` (images) while the model changes:
+    # on_snapshot(step, features) at step 0, at every step snapshot_due(step) accepts, and at the last step.
+    on_snapshot: Callable[[int, torch.Tensor], None] | None = None
+    snapshot_inputs: torch.Tensor | None = None
+    snapshot_due: Callable[[int], bool] | None = None           # default: every step
     on_partial: Callable[[Path], None] | None = None         # the hidden folder a run is being saved into
-    snapshot_every: int = 1
 
     def progress(self, fraction: float, message: str) -> None:
         if self.on_progress:
@@ -183,6 +187,46 @@ def _update_mode(model: UnlearnedModel, config: UnlearnConfig, checked: bool) ->
         model.projector.eval()
 
 
+def base_resnet(model: nn.Module) -> ResNet:
+    """The innermost ResNet of a model (itself, or the base of an UnlearnedModel chain)."""
+    return model.base() if isinstance(model, UnlearnedModel) else model
+
+
+@contextmanager
+def entering_at(stage: str, *models: nn.Module) -> Iterator[None]:
+    """Inputs enter these models at `stage` (ResNet.entry) inside the block; images again after it."""
+    bases = [base_resnet(m) for m in models]
+    for b in bases:
+        b.entry = stage
+    try:
+        yield
+    finally:
+        for b in bases:
+            b.entry = "stem"
+
+
+@torch.no_grad()
+def _encode(model: nn.Module, x: torch.Tensor, stage: str, cb: Callbacks, chunk: int = 512) -> torch.Tensor:
+    """Inputs of `stage` for images x, through the frozen stages before it (no-op for "stem")."""
+    if stage == "stem":
+        return x
+    base, parts = base_resnet(model).eval(), []
+    for i in range(0, len(x), chunk):
+        cb.check_cancel("preparation")
+        parts.append(base.encode(x[i:i + chunk], stage))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def _snapshot(live: UnlearnedModel, z: torch.Tensor, step: int, cb: Callbacks, chunk: int = 512) -> None:
+    live.eval()
+    parts = []
+    for i in range(0, len(z), chunk):
+        cb.check_cancel("the update steps")
+        parts.append(live.features(z[i:i + chunk]))
+    cb.on_snapshot(step, torch.cat(parts))
+
+
 def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Tensor, num_classes: int,
                    config: UnlearnConfig, anchors: torch.Tensor | None = None,
                    callbacks: Callbacks | None = None) -> Outcome:
@@ -190,7 +234,9 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
 
     Phases: proxy set (PGD against the original), `prepare`, then update steps in passes
     over the proxy set (the forget set for NegGrad) until forget accuracy is 0 or max_epochs
-    passes. Cancel is checked inside every long loop (PGD passes, importance batches, within each step,
+    passes. Only the stages from config.train_from on are updated: the frozen ones before it run once
+    per input (forget set, proxies, mixtures, snapshot inputs) and every step starts after them.
+    Cancel is checked inside every long loop (PGD passes, importance batches, within each step,
     snapshots), so it answers within about a second; a NaN loss stops the run.
     """
     config.validate()
@@ -204,9 +250,10 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     for p in original.parameters():
         p.requires_grad_(False)
     live = wrap(copy.deepcopy(model)).to(device)
+    live.requires_grad_(True)
+    entry = config.train_from
 
     ctx = Context(model=live, original=original, config=config)
-    ctx.state["x_forget"] = x_forget
     # the recipes' long loops (importance, the original's proxy features) call this between batches
     ctx.state["check_cancel"] = lambda: cb.check_cancel("the importance measurement")
 
@@ -224,8 +271,32 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
                     cb.check_cancel("the proxy set")
                     labels.append(original(ctx.x_adv[i:i + 512]).argmax(1))
             ctx.y_adv = torch.cat(labels)
+    # From here on every input is what the stage `entry` takes (images when it is the stem).
+    proxy_images = ctx.x_adv
+    if recipe.needs_proxy:
+        ctx.x_adv = _encode(original, ctx.x_adv, entry, cb)
+    z_forget = _encode(original, x_forget, entry, cb)
+    ctx.state["x_forget"] = z_forget
+    if config.mix_weight > 0 and recipe.needs_proxy:
+        ctx.state["mix_pool"] = _encode(original, mixture_pool(x_forget, config), entry, cb)
+    z_snap = None
+    if cb.on_snapshot and cb.snapshot_inputs is not None:
+        z_snap = _encode(original, cb.snapshot_inputs.to(device), entry, cb)
     timings["proxy"] = time.perf_counter() - t0
 
+    with entering_at(entry, live, original):
+        freeze_before(live.base(), entry)
+        outcome = _update(ctx, recipe, live, z_forget, y_forget, anchors, z_snap, cb, timings)
+    outcome.model.requires_grad_(True)  # the returned model is whole again: a later run may update any stage
+    outcome.proxy = (proxy_images, ctx.y_adv) if recipe.needs_proxy else None
+    return outcome
+
+
+def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.Tensor, y_forget: torch.Tensor,
+            anchors: torch.Tensor | None, z_snap: torch.Tensor | None, cb: Callbacks,
+            timings: dict[str, float]) -> Outcome:
+    """Projector, `prepare` and the update steps, on inputs that enter at config.train_from."""
+    config, device = ctx.config, x_forget.device
     t0 = time.perf_counter()
     if recipe.uses_projector:
         if anchors is None:
@@ -257,9 +328,17 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     f_order = torch.randperm(len(x_forget), generator=gen)
     f_pos = 0
     checked = config.check_first_pass
+    due = cb.snapshot_due or (lambda s: True)
+    snapped = -1
+
+    def snapshot(at: int) -> None:
+        nonlocal snapped
+        if z_snap is not None and cb.on_snapshot and snapped != at:
+            _snapshot(live, z_snap, at, cb)
+            snapped = at
+
     acc = _forget_accuracy(live, x_forget, y_forget)
-    if cb.on_snapshot:
-        cb.on_snapshot(0, live)
+    snapshot(0)
     history.append({"step": 0, "epoch": 0.0, "loss": None, "terms": {}, "forget_acc": acc})
     if acc == 0.0 and checked:
         stop_reason = "forgotten"
@@ -277,9 +356,9 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
                     f_order, f_pos = torch.randperm(len(x_forget), generator=gen), 0
                 f_rows = f_order[f_pos:f_pos + take].to(device)
                 f_pos += take
-                batch = Batch(x_forget[f_rows], y_forget[f_rows], ctx.x_adv[rows], ctx.y_adv[rows], rows)
+                batch = Batch(x_forget[f_rows], y_forget[f_rows], ctx.x_adv[rows], ctx.y_adv[rows], rows, f_rows)
             else:
-                batch = Batch(x_forget[rows], y_forget[rows])
+                batch = Batch(x_forget[rows], y_forget[rows], f_idx=rows)
             ctx.step = step
             terms = recipe.losses(ctx, batch)
             loss = torch.stack(list(terms.values())).sum()
@@ -303,9 +382,8 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             if cb.on_step:
                 cb.on_step(record)
             done = checked and acc == 0.0
-            if cb.on_snapshot and (step % max(cb.snapshot_every, 1) == 0 or done):
-                live.eval()
-                cb.on_snapshot(step, live)
+            if done or due(step):
+                snapshot(step)
             _update_mode(live, config, checked)
             shown = f"forget accuracy {acc:.1f}%" if checked else "first pass, forget accuracy not checked yet"
             cb.progress(0.45 + 0.45 * step / max_steps, f"{recipe.name}: step {step}, {shown}")
@@ -314,15 +392,15 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
                 break
             if step >= max_steps:
                 break
+    snapshot(step)  # the timeline always ends at the returned model
     live.eval()
     timings["updates"] = time.perf_counter() - t0
     if "importance" in ctx.state:  # measured inside the updates: move its time to its own phase
         timings["importance"] += ctx.state["importance"]["seconds"]
         timings["updates"] -= ctx.state["importance"]["seconds"]
-    proxy = (ctx.x_adv, ctx.y_adv) if recipe.needs_proxy else None
     extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
         if "importance" in ctx.state else {}
-    return Outcome(live, history, timings, stop_reason, step, proxy, extra)
+    return Outcome(live, history, timings, stop_reason, step, None, extra)
 
 
 def term_shares(history: list[dict]) -> dict[str, float]:
@@ -376,4 +454,5 @@ def load_unlearned(run_dir: str | Path) -> UnlearnedModel:
 
 
 __all__ = ["Callbacks", "Cancelled", "Outcome", "Projector", "UnlearnError", "UnlearnedModel", "anchor_map",
-           "build_unlearned", "load_unlearned", "run_unlearning", "save_unlearned", "term_shares", "wrap"]
+           "build_unlearned", "entering_at", "load_unlearned", "run_unlearning", "save_unlearned", "term_shares",
+           "wrap"]

@@ -28,6 +28,10 @@ class ModelError(RuntimeError):
     """A model or checkpoint could not be built or loaded; the message says why."""
 
 
+# ResNet stages in forward order: where inputs can enter (ResNet.entry) and where updates can start.
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -102,13 +106,35 @@ class ResNet(nn.Module):
         self.feature_dim = cin
         self.linear = nn.Linear(cin, num_classes)
 
+    # Where inputs enter (STAGES): "stem" takes images; a later stage takes what `encode` gives for it. The
+    # engine sets it while it updates only the later stages, so the frozen ones run once per input, not per step.
+    entry = "stem"
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
+
+    def encode(self, x: torch.Tensor, entry: str) -> torch.Tensor:
+        """The input of stage `entry` for images x: the stages before it run (pooled features for "head")."""
+        i = STAGES.index(entry)
+        if i == 0:
+            return x
+        x = self._stem(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[:i - 1]:
+            x = layer(x)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) if entry == "head" else x
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Output of the last conv stage (Grad-CAM target)."""
-        x = (x - self.mean) / self.std
-        out = F.relu(self.bn1(self.conv1(x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        """Output of the last conv stage (Grad-CAM target), for inputs entering at `self.entry`."""
+        i = STAGES.index(self.entry)
+        if i == 0:
+            x = self._stem(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[max(i - 1, 0):]:
+            x = layer(x)
+        return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.entry == "head":
+            return x
         return torch.flatten(F.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
 
     def classify(self, f: torch.Tensor) -> torch.Tensor:
@@ -116,6 +142,24 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
+
+
+def stage_modules(model: ResNet) -> dict[str, tuple[nn.Module, ...]]:
+    """The ResNet's stages in forward order (methods.STAGES names them)."""
+    return {"stem": (model.conv1, model.bn1), "layer1": (model.layer1,), "layer2": (model.layer2,),
+            "layer3": (model.layer3,), "layer4": (model.layer4,), "head": (model.linear,)}
+
+
+def freeze_before(model: ResNet, stage: str) -> None:
+    """Stop gradients to every stage before `stage`: they keep their weights, and backward stops there."""
+    stages = stage_modules(model)
+    if stage not in stages:
+        raise ModelError(f"unknown stage {stage!r}; choose one of {', '.join(stages)}")
+    for name, modules in stages.items():
+        if name == stage:
+            return
+        for m in modules:
+            m.requires_grad_(False)
 
 
 @dataclass(frozen=True)

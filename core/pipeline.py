@@ -508,27 +508,19 @@ class Snapshots:
     """Prediction-path features of the audit sample during the updates (the collapse timeline).
 
     StructGuard's projector starts as the identity, so step 0 is exactly the original feature space.
-    Each snapshot costs a forward pass of the audit sample; the count stays bounded by thinning.
+    The engine computes each snapshot (`due` says at which steps); the count stays bounded by thinning.
     """
 
-    def __init__(self, x_audit: torch.Tensor, device: torch.device, every: int,
-                 check: Callable[[], None] | None = None) -> None:
-        self.x_audit, self.device, self.every = x_audit, device, max(1, every)
-        self.check = check or (lambda: None)
+    def __init__(self, every: int) -> None:
+        self.every = max(1, every)
         self.steps: list[int] = []
         self.frames: list[np.ndarray] = []
 
-    @torch.no_grad()
-    def __call__(self, step: int, live: nn.Module, force: bool = False) -> None:
-        if step % self.every and step != 0 and not force:
-            return
-        chunk = 1000 if self.device.type != "cpu" else 256  # a CPU chunk takes well under a second
-        parts = []
-        for i in range(0, len(self.x_audit), chunk):
-            self.check()
-            parts.append(live.features(to_device_format(self.x_audit[i:i + chunk], self.device)).cpu())
-        feats = torch.cat(parts)
-        self.frames.append(feats.half().numpy())
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def __call__(self, step: int, feats: torch.Tensor) -> None:
+        self.frames.append(feats.cpu().half().numpy())
         self.steps.append(step)
         if len(self.frames) > MAX_SNAPSHOTS:  # thin out and snapshot less often from here on
             del self.frames[1::2], self.steps[1::2]
@@ -547,18 +539,15 @@ def _auto_snapshot_every(config: UnlearnConfig, k: int) -> int:
 def unlearn(res: Resolved, cb: Callbacks) -> Unlearned:
     ds, rows = res.ds, res.rows
     x_audit = torch.cat([res.x_forget.cpu(), ds.train.images(rows.audit_retain), ds.test.images(rows.audit_test)])
-    snaps = Snapshots(x_audit, res.device, res.request.snapshot_every or _auto_snapshot_every(res.config, res.k),
-                      check=lambda: cb.check_cancel("the update steps"))
+    snaps = Snapshots(res.request.snapshot_every or _auto_snapshot_every(res.config, res.k))
 
     def scaled(fraction: float, message: str) -> None:
         cb.progress(0.05 + 0.8 * fraction, message)
 
     inner = Callbacks(on_progress=scaled, on_step=cb.on_step, should_cancel=cb.should_cancel,
-                      on_snapshot=snaps, snapshot_every=1)
+                      on_snapshot=snaps, snapshot_inputs=to_device_format(x_audit, res.device), snapshot_due=snaps.due)
     outcome = run_unlearning(res.start.model, res.x_forget, res.y_forget, ds.num_classes, res.config,
                              res.anchor_set.matrix, inner)
-    if snaps.steps and snaps.steps[-1] != outcome.steps:
-        snaps(outcome.steps, outcome.model, force=True)
     return Unlearned(outcome.model, outcome, snaps.steps, snaps.frames)
 
 

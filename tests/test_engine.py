@@ -51,12 +51,14 @@ from core.methods import (
     L2UL,
     METHODS,
     PAPER_SCHEDULE,
+    Batch,
     Context,
     StructGuard,
     UnlearnConfig,
     affinity,
     default_config,
     deletion_loss,
+    forget_term,
     per_sample_abs_grad_mean,
 )
 from core.metrics import dimensional_alignment, knn_overlap, linear_cka
@@ -302,22 +304,18 @@ def test_structguard_ablation_switches_remove_terms(switches, absent, model, for
 
 def test_structguard_projector_in_prediction_path_and_identity_start(model, forget, anchors):
     _, x, y = forget
-    at_start: dict[str, torch.Tensor] = {}
-
-    def snap(step: int, live: torch.nn.Module) -> None:
-        if step == 0:
-            assert not live.training
-            with torch.no_grad():
-                at_start["logits"] = live(x)
-                at_start["feats"] = live.features(x)
-
+    snaps: dict[int, torch.Tensor] = {}
     cfg = _config("structguard", max_epochs=3, lr=0.02, projector_lr=0.02)
-    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix, Callbacks(on_snapshot=snap))
+    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix,
+                         Callbacks(on_snapshot=snaps.__setitem__, snapshot_inputs=x))
     with torch.no_grad():
         orig_logits, orig_feats = model(x), model.features(x)
     # identity projector: the unlearned model starts exactly at the original
-    torch.testing.assert_close(at_start["feats"], orig_feats, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(at_start["logits"], orig_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(snaps[0], orig_feats, rtol=1e-4, atol=1e-5)
+    # every step is snapshotted by default, the last one is the returned model's features
+    assert sorted(snaps) == list(range(out.steps + 1))
+    with torch.no_grad():
+        torch.testing.assert_close(snaps[out.steps], out.model.features(x))
     assert out.history[0]["forget_acc"] == pytest.approx(float((orig_logits.argmax(1) == y).float().mean() * 100))
 
     um = out.model
@@ -336,10 +334,9 @@ def test_random_projector_init_is_recorded_and_differs(model, forget, anchors):
     _, x, y = forget
     cfg = _config("structguard", projector_init="random", max_epochs=1, pgd_iters=2, n_adv=2, sr=False)
     seen = {}
-    run_unlearning(model, x, y, 10, cfg, anchors.matrix,
-                   Callbacks(on_snapshot=lambda s, m: seen.setdefault(s, m(x).detach().clone())))
+    run_unlearning(model, x, y, 10, cfg, anchors.matrix, Callbacks(on_snapshot=seen.setdefault, snapshot_inputs=x))
     with torch.no_grad():
-        assert not torch.allclose(seen[0], model(x), atol=1e-3)
+        assert not torch.allclose(seen[0], model.features(x), atol=1e-3)
 
 
 def test_structguard_without_anchors_is_refused(model, forget):
@@ -977,6 +974,23 @@ def test_deletion_forms_by_hand():
     assert loss.item() == 0.0 and float(wrong.grad.abs().sum()) == 0.0
 
 
+def test_hinge_dual_moves_the_push_to_the_images_that_resist():
+    """hinge_dual: per-image weights grow with each image's hinge; divided by their mean, they redistribute the
+    plain hinge's push instead of raising it."""
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.5, 2.0], [1.0, 0.0, 4.0]])
+    y = torch.tensor([0, 1, 0])  # hinges 3.0, 1.5, 0
+    cfg = UnlearnConfig(deletion="hinge_dual", dual_lr=0.1, margin=1.0)
+    ctx = Context(model=None, original=None, config=cfg, state={"x_forget": torch.zeros(4, 1)})
+    b = Batch(torch.zeros(3, 1), y, f_idx=torch.tensor([0, 1, 3]))  # forget rows 0, 1, 3 (row 2 not in it)
+    assert float(forget_term(ctx, b, logits)) == pytest.approx(1.5)  # weights all 1: the plain hinge
+    torch.testing.assert_close(ctx.state["dual"], torch.tensor([1.3, 1.15, 1.0, 1.0]))
+    w = torch.tensor([1.3, 1.15, 1.0]) / ctx.state["dual"].mean()
+    assert float(forget_term(ctx, b, logits)) == pytest.approx(float((w * torch.tensor([3.0, 1.5, 0.0])).mean()))
+    assert float(ctx.state["dual"][0]) == pytest.approx(1.6)  # the image furthest from forgotten gains most
+    with pytest.raises(ValueError, match="dual_lr"):
+        UnlearnConfig(deletion="hinge_dual", dual_lr=-1.0).validate()
+
+
 def _backbone_delta(out, model) -> dict[str, torch.Tensor]:
     ref = dict(model.named_parameters())
     return {k: (p.detach() - ref[k].detach()) for k, p in out.model.backbone.named_parameters()}
@@ -1051,3 +1065,26 @@ def test_pgd_early_exit_stops_at_the_target(model, forget):
     d_early = (early[0] - x.repeat_interleave(4, 0)).flatten(1).norm(dim=1)
     d_full = (full[0] - x.repeat_interleave(4, 0)).flatten(1).norm(dim=1)
     assert float(d_early.mean()) < float(d_full.mean()) and float(d_early.max()) <= 2.0 + 1e-4
+
+
+@pytest.mark.parametrize("method", ["l2ul", "structguard"])
+def test_train_from_updates_only_the_later_stages(model, forget, anchors, method):
+    """train_from="layer4": stem to layer3 keep the original's weights exactly, layer4 moves; the returned model
+    takes images and can be updated whole by a later run; its snapshots match the model it returns."""
+    _, x, y = forget
+    cfg = _config(method, train_from="layer4", max_epochs=2, lr=0.01, projector_lr=0.01)
+    snaps: dict[int, torch.Tensor] = {}
+    out = run_unlearning(model, x, y, 10, cfg, anchors.matrix, Callbacks(on_snapshot=snaps.__setitem__,
+                                                                         snapshot_inputs=x))
+    before, after = dict(model.named_parameters()), dict(out.model.base().named_parameters())
+    for name, p in after.items():
+        same = torch.equal(p, before[name])
+        assert same == (name.split(".")[0] in {"conv1", "bn1", "layer1", "layer2", "layer3"}), name
+    assert out.steps > 0 and all(p.requires_grad for p in out.model.parameters())  # whole again
+    assert out.model.base().entry == "stem" and out.proxy[0].shape[1:] == x.shape[1:]  # images in, images out
+    with torch.no_grad():
+        torch.testing.assert_close(snaps[out.steps], out.model.features(x), rtol=1e-4, atol=1e-5)
+    if method == "l2ul":  # the frozen stages get no importance weights and no penalty
+        assert out.extra == {}
+    else:
+        assert all(not k.startswith(("conv1", "bn1", "layer1")) for k in out.extra["importance_weights"])

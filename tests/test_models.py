@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.engine import entering_at
 from core.models import (
     ARCHS,
     SAMPLE_MODELS,
+    STAGES,
     ModelError,
     create_model,
+    freeze_before,
     list_models,
     list_sample_models,
     load_checkpoint_for,
@@ -89,6 +92,32 @@ def test_channels_last_gives_the_same_outputs(tiny_model) -> None:
         ref = tiny_model(x)
         fast = prepare_model(tiny_model, torch.device("cpu"))(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(ref, fast, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_inputs_entering_at_a_stage_give_the_same_outputs(tiny_model, stage: str) -> None:
+    """encode(x, stage) runs the stages before `stage`; entering there gives the full model's outputs."""
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        ref_logits, ref_feats = tiny_model(x), tiny_model.features(x)
+        z = tiny_model.encode(x, stage)
+        with entering_at(stage, tiny_model):
+            logits, feats = tiny_model(z), tiny_model.features(z)
+        assert tiny_model.entry == "stem"  # images again after the block
+        torch.testing.assert_close(tiny_model(x), ref_logits)
+    if stage != "stem":
+        assert z.shape[1:] != x.shape[1:]
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_before_stops_gradients_at_the_stage() -> None:
+    m = create_model("resnet18_narrow", 10, 1)
+    freeze_before(m, "layer4")
+    frozen = {n.split(".")[0] for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1", "layer2", "layer3"}
+    with pytest.raises(ModelError, match="unknown stage"):
+        freeze_before(m, "layer9")
 
 
 # ------------------------------------------------------------------------ checkpoints

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.methods import METHODS, default_config, tuned_k
+from core.models import STAGES
 from core.runs import runs_root
 from dashboard import resources as R
 from dashboard import session as S
@@ -26,8 +27,14 @@ FIELDS: list[tuple[str, str, str]] = [
     ("mix_weight", "Mixture retention weight", "Adv, L2UL, StructGuard: keep the original model's answers on blends "
                                                "of two forget images (0 = off). It holds off the collapse to one "
                                                "class on large forget sets; forgetting takes more passes."),
+    ("dual_lr", "Deletion focus rate", "How fast the deletion push moves to the forget images that keep being "
+                                       "recognised (0 = the plain hinge: every image gets the same share)."),
+    ("train_from", "First updated stage", "The run changes this ResNet stage and the later ones; the earlier "
+                                          "ones keep the original weights and run once per image, which makes "
+                                          "each step cheaper. stem = every stage (the authors' loop)."),
 ]
 INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size"}
+CHOICE_FIELDS = {"train_from": STAGES}
 ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
              ("sr", "SR: importance regulariser", "Penalise changes of weights that matter for the alignment."),
              ("cr", "CR: classifier regulariser", "L1 + L2 penalty on the final linear layer.")]
@@ -81,13 +88,16 @@ if method == "structguard":
 
 shown = [f for f in FIELDS if not (f[0] == "projector_lr" and not METHODS[method].uses_projector)
          and not (f[0] in ("n_adv", "eps", "pgd_iters", "pgd_step", "mix_weight") and not METHODS[method].needs_proxy)
-         and not (f[0] == "lam" and method not in ("l2ul", "structguard"))]
+         and not (f[0] == "lam" and method not in ("l2ul", "structguard"))
+         and not (f[0] == "dual_lr" and defaults.deletion != "hinge_dual")]
 with st.expander("Hyperparameters", expanded=not widgets.busy()):
     cols = st.columns(3)
     for i, (f, label, help_) in enumerate(shown):
         d = getattr(defaults, f)
         with cols[i % 3]:
-            if f in INT_FIELDS:
+            if f in CHOICE_FIELDS:
+                st.selectbox(label, CHOICE_FIELDS[f], key=keys[f], help=f"{help_} Default {d}.")
+            elif f in INT_FIELDS:
                 st.number_input(label, min_value=1 if f != "pgd_iters" else 0, step=1, key=keys[f],
                                 help=f"{help_} Default {d}.")
             else:
