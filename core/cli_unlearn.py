@@ -29,8 +29,8 @@ CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters"
                 "train_from")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES}
-HELP = {"schedule": "ours (default: engine v2) or paper (the authors' loop: CE ascent, train-mode BN, random "
-                    "projector, their budgets and learning rates)",
+HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the authors' loop: CE ascent, "
+                    "train-mode BN, random projector, their budgets and learning rates)",
         "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist; "
                     "default), hinge, hinge_active (the hinge averaged over the images it still pushes), masked_ce, "
                     "or ce (the published ascent)",

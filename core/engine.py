@@ -252,6 +252,9 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     live = wrap(copy.deepcopy(model)).to(device)
     live.requires_grad_(True)
     entry = config.train_from
+    if entry != "stem" and not isinstance(base_resnet(live), ResNet):
+        raise UnlearnError(f"train_from={entry!r} needs one of our ResNets (it splits the network by stage); "
+                           "use train_from='stem' for this model")
 
     ctx = Context(model=live, original=original, config=config)
     # the recipes' long loops (importance, the original's proxy features) call this between batches

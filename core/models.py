@@ -152,10 +152,11 @@ def stage_modules(model: ResNet) -> dict[str, tuple[nn.Module, ...]]:
 
 def freeze_before(model: ResNet, stage: str) -> None:
     """Stop gradients to every stage before `stage`: they keep their weights, and backward stops there."""
-    stages = stage_modules(model)
-    if stage not in stages:
-        raise ModelError(f"unknown stage {stage!r}; choose one of {', '.join(stages)}")
-    for name, modules in stages.items():
+    if stage not in STAGES:
+        raise ModelError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if stage == STAGES[0]:
+        return  # nothing comes before the stem (and the model need not be one of our ResNets)
+    for name, modules in stage_modules(model).items():
         if name == stage:
             return
         for m in modules:

@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from core.methods import Context, UnlearnConfig, mixture_distillation
+from core.methods import MIX_POOL, Context, UnlearnConfig, mixture_distillation, mixture_pool
 
 
 def _ctx(step: int = 3) -> Context:
@@ -17,7 +17,21 @@ def _ctx(step: int = 3) -> Context:
     cfg = UnlearnConfig(method="adv", seed=5, batch_size=6, mix_weight=2.0, mix_batch=6)
     ctx = Context(model=live, original=original, config=cfg, step=step)
     ctx.state["x_forget"] = torch.rand(4, 1, 4, 4)
+    ctx.state["mix_pool"] = mixture_pool(ctx.state["x_forget"], cfg)
     return ctx
+
+
+def test_mixture_pool_by_hand() -> None:
+    """MIX_POOL x mix_batch blends of two forget images, lam in [0.3, 0.7], fixed by the seed."""
+    ctx = _ctx()
+    pool, x_f = ctx.state["mix_pool"], ctx.state["x_forget"]
+    g = torch.Generator().manual_seed(5 * 100_003)
+    n = MIX_POOL * 6
+    i, j = torch.randint(4, (n,), generator=g), torch.randint(4, (n,), generator=g)
+    lam = (0.3 + 0.4 * torch.rand(n, generator=g)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(pool, lam * x_f[i] + (1 - lam) * x_f[j])
+    assert 0.3 <= float(lam.min()) and float(lam.max()) <= 0.7
+    torch.testing.assert_close(mixture_pool(x_f, ctx.config), pool)  # reproducible
 
 
 def test_mixture_distillation_by_hand() -> None:
@@ -25,18 +39,14 @@ def test_mixture_distillation_by_hand() -> None:
     assert abs(float(mixture_distillation(ctx).detach())) < 1e-6  # the live model is still the original
     with torch.no_grad():
         ctx.model[1].weight.add_(0.3 * torch.randn_like(ctx.model[1].weight))
-    # the same batch by hand: (seed, step) fix the pairs and the mixing weights
+    # the same batch by hand: (seed, step) fix the rows of the pool
     g = torch.Generator().manual_seed(5 * 100_003 + 3)
-    i, j = torch.randint(4, (6,), generator=g), torch.randint(4, (6,), generator=g)
-    lam = (0.3 + 0.4 * torch.rand(6, generator=g)).view(-1, 1, 1, 1)
-    x_f = ctx.state["x_forget"]
-    x = lam * x_f[i] + (1 - lam) * x_f[j]
+    x = ctx.state["mix_pool"][torch.randint(MIX_POOL * 6, (6,), generator=g)]
     p = torch.softmax(ctx.original(x), 1)
     q = torch.log_softmax(ctx.model(x), 1)
     by_hand = (p * (p.log() - q)).sum(1).mean()
     torch.testing.assert_close(mixture_distillation(ctx), by_hand)
     assert float(by_hand) > 0
-    assert 0.3 <= float(lam.min()) and float(lam.max()) <= 0.7
 
 
 def test_mixture_batches_change_with_the_step() -> None:

@@ -70,14 +70,15 @@ k = len(sel) + len(ups)
 S.widget_defaults(un_schedule="ours")
 schedule = st.segmented_control(
     "Schedule", ["ours", "paper"], key="un_schedule", required=True,
-    format_func=lambda s: {"ours": "Engine v2 (default)", "paper": "Authors' loop"}[s],
-    help="Engine v2: bounded hinge deletion, frozen BatchNorm, boundary proxies, defaults tuned per forget size on "
-         "held-out training data. Authors' loop: their CE ascent, train-mode BatchNorm, random projector, first-pass "
+    format_func=lambda s: {"ours": "Our engine (default)", "paper": "Authors' loop"}[s],
+    help="Our engine: a bounded hinge deletion whose push moves to the images that resist, frozen BatchNorm, "
+         "boundary proxies, the first ResNet stages kept, defaults tuned per forget size on held-out training data. "
+         "Authors' loop: their CE ascent, train-mode BatchNorm, random projector, first-pass "
          "rule, importance timing and budgets (100 PGD steps, up to 100 passes): slower, for reproducing the paper.")
 defaults = default_config(method, ds.name, k=k or None, schedule=schedule)
 bucket = tuned_k(method, ds.name, k or None)
 keys = {f: f"un_{method}_{schedule}_k{bucket}_{f}" for f, _, _ in FIELDS}  # one set per tuned forget size
-which = "the authors' loop" if schedule == "paper" else "engine v2"
+which = "the authors' loop" if schedule == "paper" else "our engine"
 st.caption(f"Defaults: {which}" + (f", tuned for forget sets of about {bucket} images." if bucket else "."))
 S.widget_defaults(**{keys[f]: getattr(defaults, f) for f, _, _ in FIELDS})
 
