@@ -243,8 +243,14 @@ def weighted_l2_penalty(model: nn.Module, reference: dict[str, torch.Tensor],
     return 0.5 * torch.stack(terms).sum()
 
 
-def deletion_loss(logits: torch.Tensor, y: torch.Tensor, config: UnlearnConfig,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
+def hinge_per_row(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    """relu(margin + z_y - max_{j != y} z_j) for each row."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return F.relu(margin + true - other)
+
+
+def deletion_loss(logits: torch.Tensor, y: torch.Tensor, config: UnlearnConfig) -> torch.Tensor:
     """The deletion term (to minimise), in the form config.deletion chooses.
 
     ce:        -CE(logits, y): the published gradient ascent; unbounded, it keeps pushing after
@@ -254,20 +260,16 @@ def deletion_loss(logits: torch.Tensor, y: torch.Tensor, config: UnlearnConfig,
                other class by `margin`, then stops (zero loss, zero gradient).
     hinge_active: the same hinge averaged over the rows it still pushes, so the last images left get the
                whole push instead of 1/batch of it (with retention terms they otherwise linger for many steps).
-    hinge_dual: the hinge, each row weighted by `weights` (forget_term keeps them: one per forget image).
+    hinge_dual: the hinge with one weight per forget image, kept across steps by forget_term (here: plain).
     """
     if config.deletion == "ce":
         return -F.cross_entropy(logits, y)
     if config.deletion == "masked_ce":
         still = (logits.argmax(1) == y).float()
         return -(F.cross_entropy(logits, y, reduction="none") * still).sum() / len(y)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    hinge = F.relu(config.margin + true - other)
+    hinge = hinge_per_row(logits, y, config.margin)
     if config.deletion == "hinge_active":
         return hinge.sum() / (hinge > 0).sum().clamp_min(1)
-    if weights is not None:
-        return (weights * hinge).mean()
     return hinge.mean()
 
 
@@ -285,12 +287,10 @@ def forget_term(ctx: Context, b: Batch, logits: torch.Tensor) -> torch.Tensor:
     if c.deletion != "hinge_dual":
         return deletion_loss(logits, b.y_f, c)
     dual = ctx.state.setdefault("dual", torch.ones(len(ctx.state["x_forget"]), device=logits.device))
-    w = dual[b.f_idx]  # a copy: the update below does not touch this step's graph
-    loss = deletion_loss(logits, b.y_f, c, weights=w / dual.mean())
-    true = logits.gather(1, b.y_f[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(b.y_f, logits.shape[1]).bool(), float("-inf")).amax(1)
-    dual[b.f_idx] = w + c.dual_lr * F.relu(c.margin + true - other).detach()
-    return loss
+    w, dual_mean = dual[b.f_idx], dual.mean()  # copies taken before this step's update of the weights
+    hinge = hinge_per_row(logits, b.y_f, c.margin)  # computed once: the loss and the weights' update share it
+    dual[b.f_idx] = w + c.dual_lr * hinge.detach()
+    return ((w / dual_mean) * hinge).mean()
 
 
 @dataclass
