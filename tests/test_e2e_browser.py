@@ -198,14 +198,16 @@ def journey(page, browser, url: str, tmp: Path, timers: TimerRequests) -> None:
     # Forget set: pick 4 images by clicking their buttons
     nav(page, "Forget set")
     page.get_by_role("button", name="select", exact=True).first.wait_for(timeout=300_000)
-    for _ in range(4):
+    # One click at a time, each after the previous one's rerun has drawn its "✓ selected": a script that
+    # finishes before the status widget shows lets idle() return early, and a click on the stale button would
+    # toggle the same image off again (a failed CI run ended with 2 of 4 selected that way).
+    for n in range(1, 5):
         page.get_by_role("button", name="select", exact=True).first.click()
+        page.wait_for_function("[...document.querySelectorAll('button')].filter(b => b.innerText.includes("
+                               f"'✓ selected')).length === {n}")
         idle(page)
     page.get_by_text("Forget set: 4 images").wait_for()
     idle(page)
-    page.wait_for_function("document.querySelectorAll('button').length > 0 && "
-                           "[...document.querySelectorAll('button')].filter(b => b.innerText.includes('✓ selected'))"
-                           ".length === 4")
     shot(page, "2-forget-set")
 
     # Anchors: edit the first class's attributes
