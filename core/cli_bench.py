@@ -100,6 +100,7 @@ def bench_row(run_dir: Path, label: str) -> dict:
     row["mia"] = ref["mia_forget_member_rate"] if ref else None
     row["term_shares"], row["importance"] = meta.get("term_shares"), meta.get("importance")
     row["cell"] = meta.get("request", {}).get("bench_cell")
+    row["precision"] = meta.get("precision")
     return row
 
 
@@ -230,9 +231,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r.get("error")]
     first = ok[0] if ok else {}
     threads = sorted({r["worker"].get("threads") for r in ok if r.get("worker", {}).get("threads")})
+    precisions = ", ".join(sorted({r["precision"] for r in ok if r.get("precision")}))
     header = (f"Command: `python -m core {' '.join(sys.argv[1:])}`\n\n"
               f"Device: {first.get('device', '?')}; backend: {getattr(args, 'backend', 'local')}"
-              f"{f' (torch threads per run: {threads})' if threads else ''}; anchors: "
+              f"{f' (torch threads per run: {threads})' if threads else ''}"
+              f"{f'; update steps in {precisions}' if precisions else ''}; anchors: "
               f"{first.get('encoder', '?')}; A_r on the retain {first.get('retain_set', '?')}; mean ± std over "
               f"seeds {seeds} (A_test also its 95% t-interval); retrain: the base recipe trained without the forget "
               f"set (bench/retrain), where one exists; runs took {sum(r['seconds'] for r in ok):.0f} s in all"

@@ -19,16 +19,17 @@ from .encoders import ENCODER_NAMES, EncoderError
 from .engine import Callbacks, UnlearnError
 from .forget_ids import read_forget_ids_file
 from .methods import METHODS, UnlearnConfig, default_config
-from .models import STAGES
+from .models import PRECISIONS, STAGES
 
 if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): imported where a run needs it
     from .pipeline import RunRequest
 
 CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
                 "max_epochs", "projector_init", "schedule", "deletion", "margin", "dual_lr", "bn", "mix_weight",
-                "train_from")
+                "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
-           "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES}
+           "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
+           "precision": PRECISIONS}
 HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the authors' loop: CE ascent, "
                     "train-mode BN, random projector, their budgets and learning rates)",
         "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist; "
@@ -38,6 +39,9 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
         "train_from": "first ResNet stage the run updates; the ones before keep the original weights and run once "
                       "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",
+        "precision": "what the conv stages of the attacks and update steps compute in: auto (bfloat16 where the "
+                     "CPU or GPU has it natively, else float32; the default of our engine), fp32 or bf16; "
+                     "every measurement is float32",
         "mix_weight": "weight of the retention term on mixtures of forget images (Adv, L2UL, StructGuard; "
                       "0 = off; default: tuned per forget size, docs/METHOD.md)"}
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .methods import Batch, Context, Method, UnlearnConfig, get_method, mixture_pool, original_proxy_features
-from .models import ResNet, freeze_before, load_weights, model_from_card
+from .models import ResNet, compute_dtype, freeze_before, load_weights, model_from_card, trunk_dtype
 from .proxy import Cancelled, make_proxy_set
 
 
@@ -257,16 +257,21 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
                            "use train_from='stem' for this model")
 
     ctx = Context(model=live, original=original, config=config)
+    # The conv stages of the attacks and the update steps compute in this dtype (bf16 only where it is native
+    # with precision="auto"); the stop rule's forget check, snapshots and every measurement stay float32.
+    dtype = compute_dtype(config.precision, device)
+    ctx.state["precision"], ctx.state["precision_dtype"] = ("bf16" if dtype == torch.bfloat16 else "fp32"), dtype
     # the recipes' long loops (importance, the original's proxy features) call this between batches
     ctx.state["check_cancel"] = lambda: cb.check_cancel("the importance measurement")
 
     t0 = time.perf_counter()
     if recipe.needs_proxy:
         cb.progress(0.0, "generating the adversarial proxy set")
-        ctx.x_adv, ctx.y_adv, _ = make_proxy_set(
-            original, x_forget, y_forget, num_classes, config.n_adv, config.eps, config.pgd_step, config.pgd_iters,
-            config.seed, on_chunk=lambda done, total: cb.progress(0.4 * done / total, f"proxy set {done}/{total}"),
-            should_cancel=cb.should_cancel, early_exit=config.pgd_early_exit)
+        with trunk_dtype(dtype):
+            ctx.x_adv, ctx.y_adv, _ = make_proxy_set(
+                original, x_forget, y_forget, num_classes, config.n_adv, config.eps, config.pgd_step, config.pgd_iters,
+                config.seed, on_chunk=lambda done, total: cb.progress(0.4 * done / total, f"proxy set {done}/{total}"),
+                should_cancel=cb.should_cancel, early_exit=config.pgd_early_exit)
         if config.proxy_labels == "original":  # an attack that missed its target keeps what theta_0 says
             labels = []
             with torch.no_grad():
@@ -363,7 +368,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             else:
                 batch = Batch(x_forget[rows], y_forget[rows], f_idx=rows)
             ctx.step = step
-            terms = recipe.losses(ctx, batch)
+            with trunk_dtype(ctx.state["precision_dtype"]):
+                terms = recipe.losses(ctx, batch)
             loss = torch.stack(list(terms.values())).sum()
             if not torch.isfinite(loss):
                 bad = {k: float(v.detach()) for k, v in terms.items()}
@@ -403,6 +409,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         timings["updates"] -= ctx.state["importance"]["seconds"]
     extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
         if "importance" in ctx.state else {}
+    extra["precision"] = ctx.state["precision"]
     return Outcome(live, history, timings, stop_reason, step, None, extra)
 
 

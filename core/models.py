@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,44 @@ class ModelError(RuntimeError):
 
 # ResNet stages in forward order: where inputs can enter (ResNet.entry) and where updates can start.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+
+# The dtype a ResNet's conv stages compute in (autocast) inside `trunk_dtype`; None: float32. Only the convolutions
+# are cheaper in bfloat16: features leave the trunk as float32, so the head, the projector, the losses and every
+# measurement outside the block stay float32.
+_TRUNK_DTYPE: ContextVar[torch.dtype | None] = ContextVar("trunk_dtype", default=None)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@contextmanager
+def trunk_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, ResNet conv stages compute in `dtype` (None: float32)."""
+    token = _TRUNK_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _TRUNK_DTYPE.reset(token)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively (faster than float32): CUDA that supports it, or a CPU with
+    AVX-512 BF16 or AMX. Elsewhere bfloat16 is emulated and slower, so "auto" stays float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # private probes, stable since torch 2.1; any failure means: not known to be fast
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The trunk dtype for a precision setting: "fp32" None, "bf16" bfloat16, "auto" bfloat16 where native."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
 
 
 class BasicBlock(nn.Module):
@@ -124,13 +165,15 @@ class ResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) if entry == "head" else x
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Output of the last conv stage (Grad-CAM target), for inputs entering at `self.entry`."""
-        i = STAGES.index(self.entry)
-        if i == 0:
-            x = self._stem(x)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[max(i - 1, 0):]:
-            x = layer(x)
-        return x
+        """Output of the last conv stage (Grad-CAM target), for inputs entering at `self.entry`; float32 always,
+        computed in the dtype `trunk_dtype` sets."""
+        i, dtype = STAGES.index(self.entry), _TRUNK_DTYPE.get()
+        with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext():
+            if i == 0:
+                x = self._stem(x)
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[max(i - 1, 0):]:
+                x = layer(x)
+        return x.float()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry == "head":

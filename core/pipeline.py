@@ -614,6 +614,7 @@ def run_meta(res: Resolved, run_id: str, weights_card: dict, metrics: dict, unl:
         "device": str(res.device),
         "history": outcome.history, "stop_reason": outcome.stop_reason, "steps": outcome.steps,
         "importance": outcome.extra.get("importance"), "term_shares": term_shares(outcome.history),
+        "precision": outcome.extra.get("precision"),  # what "auto" resolved to on this device
     }
 
 

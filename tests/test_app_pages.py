@@ -437,6 +437,10 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     at.toggle(key="un_sr").set_value(False).run()
     at.number_input(key="un_structguard_ours_k8_max_epochs").set_value(3).run()  # defaults tuned for k near 8
     at.number_input(key="un_seed").set_value(7).run()
+    arithmetic = at.selectbox(key="un_structguard_ours_k8_precision")
+    assert arithmetic.label == "Arithmetic" and arithmetic.options == ["auto", "fp32", "bf16"]
+    arithmetic.set_value("bf16").run()
+    at.selectbox(key="un_structguard_ours_k8_train_from").set_value("layer3").run()
     next(b for b in at.button if b.label == "Start unlearning").click().run()
     no_exceptions(at)
     assert at.get("progress") and any(b.label == "Cancel" for b in at.button)
@@ -446,6 +450,7 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     req = fake.requests[-1]
     assert req.method == "structguard" and req.seed == 7 and sorted(req.forget_ids) == [0, 1, 2, 3]
     assert req.config["sr"] is False and req.config["max_epochs"] == 3
+    assert req.config["precision"] == "bf16" and req.config["train_from"] == "layer3"
     assert at.title[0].value == "Audit", ([e.value for e in at.error], [w.value for w in at.warning])
     from dashboard import jobs
 

@@ -287,6 +287,20 @@ def test_methods_record_their_loss_terms(method, model, forget, anchors):
     assert (out.model.projector is not None) is (method == "structguard")
 
 
+def test_bf16_precision_is_applied_recorded_and_measured_in_float32(model, forget, anchors):
+    """precision="bf16": the attacks and update steps compute in bfloat16; the stop rule checks in float32."""
+    _, x, y = forget
+    out = {p: run_unlearning(model, x, y, 10, _config("structguard", precision=p, max_epochs=60), anchors.matrix)
+           for p in ("fp32", "bf16")}
+    assert out["fp32"].extra["precision"] == "fp32" and out["bf16"].extra["precision"] == "bf16"
+    assert not torch.equal(out["fp32"].proxy[0], out["bf16"].proxy[0])  # the attack ran in bfloat16
+    run = out["bf16"]
+    assert run.stop_reason == "forgotten" and all(math.isfinite(r["loss"]) for r in run.history[1:])
+    with torch.no_grad():  # "forgotten" holds for the float32 model that is returned and measured
+        logits = run.model(x)
+    assert logits.dtype == torch.float32 and (logits.argmax(1) != y).all()
+
+
 @pytest.mark.parametrize("switches,absent", [
     ({"sa": False}, {"align"}),
     ({"sr": False}, {"reg"}),
@@ -1042,6 +1056,10 @@ def test_paper_schedule_is_the_authors_loop(model, forget, anchors):
         assert default_config(method, "fashion-mnist", k=32).mix_weight > 0
         assert default_config(method, "fashion-mnist", k=32, schedule="paper").mix_weight == 0
     assert default_config("neggrad", "fashion-mnist", k=32).mix_weight == 0
+    for method in METHODS:  # at k=32 StructGuard and Adv compute in bfloat16 where native; the authors' loop in fp32
+        want = "auto" if method in ("structguard", "adv") else "fp32"
+        assert default_config(method, "fashion-mnist", k=32).precision == want
+        assert default_config(method, "fashion-mnist", k=32, schedule="paper").precision == "fp32"
     _, x, y = forget
     out = run_unlearning(model, x, y, 10, cfg, anchors.matrix)
     first_pass = [h for h in out.history[1:] if h["epoch"] <= 1]
@@ -1085,6 +1103,6 @@ def test_train_from_updates_only_the_later_stages(model, forget, anchors, method
     with torch.no_grad():
         torch.testing.assert_close(snaps[out.steps], out.model.features(x), rtol=1e-4, atol=1e-5)
     if method == "l2ul":  # the frozen stages get no importance weights and no penalty
-        assert out.extra == {}
+        assert "importance_weights" not in out.extra
     else:
         assert all(not k.startswith(("conv1", "bn1", "layer1")) for k in out.extra["importance_weights"])

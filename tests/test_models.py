@@ -15,15 +15,18 @@ from core.models import (
     SAMPLE_MODELS,
     STAGES,
     ModelError,
+    compute_dtype,
     create_model,
     freeze_before,
     list_models,
     list_sample_models,
     load_checkpoint_for,
     load_model,
+    native_bf16,
     read_state_dict,
     save_model,
     sha256_file,
+    trunk_dtype,
 )
 from core.train import accuracy, prepare_model
 
@@ -92,6 +95,33 @@ def test_channels_last_gives_the_same_outputs(tiny_model) -> None:
         ref = tiny_model(x)
         fast = prepare_model(tiny_model, torch.device("cpu"))(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(ref, fast, rtol=1e-4, atol=1e-4)
+
+
+def test_trunk_dtype_runs_the_convolutions_in_bfloat16_and_returns_float32(tiny_model) -> None:
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        ref = tiny_model.features(x)
+        with trunk_dtype(torch.bfloat16):
+            half = tiny_model.features(x)
+            logits = tiny_model(x)
+        again = tiny_model.features(x)
+    assert half.dtype == logits.dtype == torch.float32  # the head and everything after it stay float32
+    assert not torch.equal(half, ref)  # the trunk did compute in bfloat16 ...
+    torch.testing.assert_close(half, ref, rtol=0.05, atol=0.05)  # ... to bfloat16's precision
+    assert torch.equal(again, ref)  # and float32 again after the block
+    xg = x.clone().requires_grad_(True)
+    with trunk_dtype(torch.bfloat16):
+        tiny_model(xg).sum().backward()  # attacks and update steps differentiate through it
+    assert xg.grad.dtype == torch.float32 and torch.isfinite(xg.grad).all()
+
+
+def test_compute_dtype_resolves_each_precision() -> None:
+    cpu = torch.device("cpu")
+    assert compute_dtype("fp32", cpu) is None and compute_dtype("bf16", cpu) == torch.bfloat16
+    assert compute_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else None)
+    assert native_bf16(torch.device("meta")) is False
+    with pytest.raises(ModelError, match="choose one of auto, fp32, bf16"):
+        compute_dtype("fp16", cpu)
 
 
 @pytest.mark.parametrize("stage", STAGES)
