@@ -244,6 +244,18 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def jointly(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+            *batches: torch.Tensor) -> list[torch.Tensor]:
+    """fn on each batch; in one call on their concatenation when every module of `model` is in eval mode.
+
+    Without batch statistics each row's output does not depend on the rows beside it, so one call gives the same
+    outputs as separate calls, and one large batch is cheaper than several small ones (1.5x for a k=32 step in
+    bfloat16 on the CPU). In train mode (the authors' loop) each batch keeps its own BatchNorm statistics."""
+    if any(m.training for m in model.modules()):
+        return [fn(x) for x in batches]
+    return list(fn(torch.cat(batches)).split([len(x) for x in batches]))
+
+
 def weighted_l2_penalty(model: nn.Module, reference: dict[str, torch.Tensor],
                         weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """1/2 sum_i w_i (psi_i - psi0_i)^2 over the named parameters in `weights`."""
@@ -387,10 +399,12 @@ class Adv(Method):
     summary = "ascent on the forget set + descent on adversarial proxies"
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
-        terms = {"del": b.w_f * forget_term(ctx, b, ctx.model(b.x_f)),
-                 "ret": b.w_a * F.cross_entropy(ctx.model(b.x_a), b.y_a)}
-        if ctx.config.mix_weight > 0:
-            terms["mix"] = ctx.config.mix_weight * mixture_distillation(ctx)
+        mix = mixture_batch(ctx) if ctx.config.mix_weight > 0 else None
+        logits = jointly(ctx.model, ctx.model, b.x_f, b.x_a, *([mix[0]] if mix else []))
+        terms = {"del": b.w_f * forget_term(ctx, b, logits[0]),
+                 "ret": b.w_a * F.cross_entropy(logits[1], b.y_a)}
+        if mix:
+            terms["mix"] = ctx.config.mix_weight * mixture_kl(logits[2], mix[1])
         return terms
 
 
@@ -487,10 +501,14 @@ class StructGuard(Method):
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         m, c = ctx.model, ctx.config
+        mix = mixture_batch(ctx) if c.mix_weight > 0 else None
+        rest = [b.x_a, *([mix[0]] if mix else [])]  # through the projector
         # The paper's L_del bypasses the projector; the loop's stop rule checks the prediction path.
-        h_f = m.backbone_features(b.x_f) if c.deletion_path == "backbone" else m.features(b.x_f)
+        if c.deletion_path == "backbone":
+            h_f, (f_adv, *f_mix) = m.backbone_features(b.x_f), jointly(m, m.features, *rest)
+        else:
+            h_f, f_adv, *f_mix = jointly(m, m.features, b.x_f, *rest)
         terms = {"del": b.w_f * forget_term(ctx, b, m.classify(h_f))}
-        f_adv = m.features(b.x_a)  # through the projector
         terms["ret"] = b.w_a * F.cross_entropy(m.classify(f_adv), b.y_a)
         if c.sa:
             s_unl = affinity(f_adv, ctx.R, ctx.anchors)
@@ -502,8 +520,8 @@ class StructGuard(Method):
         if c.cr:
             w = m.classifier_weight()
             terms["cr"] = c.cr_weight * (0.99 * w.abs().sum() + 0.005 * w.pow(2).sum())
-        if c.mix_weight > 0:
-            terms["mix"] = c.mix_weight * mixture_distillation(ctx)
+        if mix:
+            terms["mix"] = c.mix_weight * mixture_kl(m.classify(f_mix[0]), mix[1])
         return terms
 
 
@@ -522,13 +540,14 @@ def mixture_pool(x_forget: torch.Tensor, config: UnlearnConfig) -> torch.Tensor:
     return lam * x_forget[i] + (1 - lam) * x_forget[j]
 
 
-def mixture_distillation(ctx: Context) -> torch.Tensor:
-    """KL(original || live) on a batch of mixtures of two forget images (ctx.state["mix_pool"]).
+def mixture_batch(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's mixtures of two forget images (rows of ctx.state["mix_pool"]) and the original's answers on them.
 
-    Data-free, like the rest of the instance-unlearning setting: only the forget set and the frozen
-    original are used. The mixtures lie between forget images, away from each of them, so keeping the
-    original's answers there resists the global shortcut (the runner-up class everywhere) without asking
-    the forget images themselves to stay. The batch depends on (seed, step) only: runs stay reproducible.
+    The retention term on them is KL(original || live) (`mixture_kl`). Data-free, like the rest of the
+    instance-unlearning setting: only the forget set and the frozen original are used. The mixtures lie between
+    forget images, away from each of them, so keeping the original's answers there resists the global shortcut
+    (the runner-up class everywhere) without asking the forget images themselves to stay. The rows depend on
+    (seed, step) only: runs stay reproducible.
     """
     pool, c = ctx.state["mix_pool"], ctx.config
     if "mix_target" not in ctx.state:
@@ -537,7 +556,12 @@ def mixture_distillation(ctx: Context) -> torch.Tensor:
                                                  for i in range(0, len(pool), 512)])
     g = torch.Generator().manual_seed(c.seed * 100_003 + ctx.step)
     rows = torch.randint(len(pool), (c.mix_batch,), generator=g).to(pool.device)
-    return F.kl_div(F.log_softmax(ctx.model(pool[rows]), 1), ctx.state["mix_target"][rows], reduction="batchmean")
+    return pool[rows], ctx.state["mix_target"][rows]
+
+
+def mixture_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)), averaged over the rows."""
+    return F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (NegGrad, Adv, L2UL, StructGuard)}

@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from core.methods import MIX_POOL, Context, UnlearnConfig, mixture_distillation, mixture_pool
+from core.methods import MIX_POOL, Context, UnlearnConfig, mixture_batch, mixture_kl, mixture_pool
 
 
 def _ctx(step: int = 3) -> Context:
@@ -32,6 +32,11 @@ def test_mixture_pool_by_hand() -> None:
     torch.testing.assert_close(pool, lam * x_f[i] + (1 - lam) * x_f[j])
     assert 0.3 <= float(lam.min()) and float(lam.max()) <= 0.7
     torch.testing.assert_close(mixture_pool(x_f, ctx.config), pool)  # reproducible
+
+
+def mixture_distillation(ctx: Context) -> torch.Tensor:
+    x, target = mixture_batch(ctx)
+    return mixture_kl(ctx.model(x), target)
 
 
 def test_mixture_distillation_by_hand() -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from conftest import write_fashion_idx
 
 from core.engine import Callbacks, anchor_map, run_unlearning, wrap
-from core.methods import L2UL, Context, UnlearnConfig, affinity, default_config
+from core.methods import L2UL, Context, UnlearnConfig, affinity, default_config, jointly
 from core.train import prepare_model, to_device_format
 
 C, D, E = 3, 3, 4          # classes, feature dimension, anchor dimension (d != e: R is the seeded Gaussian map)
@@ -536,3 +536,28 @@ def test_hinge_active_gives_the_last_rows_the_whole_push():
     assert float(deletion_loss(z, y, config("adv", deletion="hinge"))) == pytest.approx(by_hand * 2 / 3)
     done = torch.tensor([[0.0, 5.0, 0.0]])
     assert float(deletion_loss(done, y[:1], config("adv", deletion="hinge_active"))) == 0.0
+
+
+def test_jointly_is_one_call_in_eval_mode_and_one_per_batch_in_train_mode() -> None:
+    """Eval mode: one call on the concatenation, the same rows as separate calls. Train mode: BatchNorm's batch
+    statistics would mix the batches, so each batch gets its own call."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    a, b, calls = torch.randn(5, 4), torch.randn(7, 4), []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return net(x)
+
+    net.eval()
+    out = jointly(net, fn, a, b)
+    assert calls == [12] and [len(o) for o in out] == [5, 7]
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], net(a))
+        torch.testing.assert_close(out[1], net(b))
+    calls.clear()
+    net.train()
+    out = jointly(net, fn, a, b)
+    assert calls == [5, 7]
+    with torch.no_grad():
+        torch.testing.assert_close(out[1], net(b))  # b's own batch statistics
