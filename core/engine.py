@@ -259,8 +259,7 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     ctx = Context(model=live, original=original, config=config)
     # The conv stages of the attacks and the update steps compute in this dtype (bf16 only where it is native
     # with precision="auto"); the stop rule's forget check, snapshots and every measurement stay float32.
-    dtype = compute_dtype(config.precision, device)
-    ctx.state["precision"], ctx.state["precision_dtype"] = ("bf16" if dtype == torch.bfloat16 else "fp32"), dtype
+    dtype = ctx.state["trunk_dtype"] = compute_dtype(config.precision, device)
     # the recipes' long loops (importance, the original's proxy features) call this between batches
     ctx.state["check_cancel"] = lambda: cb.check_cancel("the importance measurement")
 
@@ -368,7 +367,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             else:
                 batch = Batch(x_forget[rows], y_forget[rows], f_idx=rows)
             ctx.step = step
-            with trunk_dtype(ctx.state["precision_dtype"]):
+            with trunk_dtype(ctx.state["trunk_dtype"]):
                 terms = recipe.losses(ctx, batch)
             loss = torch.stack(list(terms.values())).sum()
             if not torch.isfinite(loss):
@@ -409,7 +408,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         timings["updates"] -= ctx.state["importance"]["seconds"]
     extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
         if "importance" in ctx.state else {}
-    extra["precision"] = ctx.state["precision"]
+    extra["precision"] = "bf16" if ctx.state["trunk_dtype"] == torch.bfloat16 else "fp32"  # what "auto" became
     return Outcome(live, history, timings, stop_reason, step, None, extra)
 
 
