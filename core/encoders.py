@@ -185,12 +185,17 @@ def clear_caches(models: bool = True) -> None:
             _MODEL_CACHE.clear()
 
 
+_WARNED: set[str] = set()
+
+
 def _auto(checkpoint) -> TextEncoder:
     try:
         enc = copy.copy(get_encoder("clip", checkpoint))  # a view: the cached encoder keeps its own detail
         enc.detail = f"auto chose CLIP because its weights loaded: {enc.detail}"
     except EncoderError as exc:
-        log.warning("auto encoder falls back to MiniLM: %s", _first_sentence(exc))
+        if _first_sentence(exc) not in _WARNED:  # once per process and reason, not once per run of a sweep
+            _WARNED.add(_first_sentence(exc))
+            log.warning("auto encoder falls back to MiniLM: %s", _first_sentence(exc))
         enc = copy.copy(get_encoder("minilm"))
         enc.detail = f"auto fell back to MiniLM because CLIP is unavailable ({_first_sentence(exc)}); {enc.detail}"
     enc.requested = "auto"

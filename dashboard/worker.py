@@ -106,7 +106,22 @@ def run_requests(requests: list[Any], send: Callable[..., None], cancelled: Call
     except Cancelled:
         send("cancelled", dirs)
     except Exception as exc:
-        send("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc(), dirs)
+        send("failed", describe_error(exc), traceback.format_exc(), dirs)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The job panel's line for a run that raised: our own errors (and ValueError, which the request's checks
+    raise) already say what is wrong and what to do, so they are shown as they are; anything else is a
+    defect or the system (a torch RuntimeError, a full disk), named as unexpected with its class."""
+    from core.anchors import AnchorError
+    from core.data import DataError
+    from core.encoders import EncoderError
+    from core.engine import UnlearnError
+    from core.runs import RunError
+
+    if isinstance(exc, (UnlearnError, RunError, DataError, EncoderError, AnchorError, ValueError)):
+        return str(exc) or type(exc).__name__
+    return f"unexpected {type(exc).__name__}: {exc} (the server log has the full trace)"
 
 
 def _child(requests: list[Any], env: dict[str, str], messages: Any, cancel: Any, server: dict | None = None) -> None:

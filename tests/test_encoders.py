@@ -184,6 +184,14 @@ def test_auto_falls_back_to_minilm_and_says_why(minilm):
     np.testing.assert_array_equal(enc.encode(["a coat"]), minilm.encode(["a coat"]))
 
 
+def test_auto_warns_once_per_reason_but_every_run_says_why(minilm, caplog, monkeypatch):
+    monkeypatch.setattr(encoders, "_WARNED", set())
+    with caplog.at_level("WARNING", logger=encoders.log.name):
+        details = [get_encoder("auto").detail for _ in range(3)]  # three runs of a sweep in one process
+    assert len(caplog.records) == 1 and "falls back to MiniLM" in caplog.records[0].getMessage()
+    assert all("fell back to MiniLM" in d for d in details)
+
+
 def test_auto_prefers_clip_when_its_weights_load(checkpoints, monkeypatch):
     monkeypatch.setattr(encoders, "CLIP_ARCH", ARCH)  # a small arch stands in for ViT-B-32
     enc = get_encoder("auto", checkpoint=checkpoints / "clip.safetensors")

@@ -81,6 +81,16 @@ def test_an_engine_error_reaches_the_job_as_one_line(app_env: Path) -> None:
     worker.start([RunRequest(forget_ids=[10**9], method="neggrad", runs_root=str(app_env))], job).join(120)
     assert job.status == "failed" and "\n" not in job.error and "Traceback" not in job.error
     assert "10" in job.error  # names the id that is not in the dataset
+    assert "Error:" not in job.error  # our errors are written for the user: no class name in front
+
+
+def test_describe_error_names_only_what_we_did_not_write_for_the_user() -> None:
+    from core.engine import UnlearnError
+
+    assert worker.describe_error(UnlearnError("lower the learning rate")) == "lower the learning rate"
+    assert worker.describe_error(ValueError("k must be >= 1")) == "k must be >= 1"
+    shown = worker.describe_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert shown.startswith("unexpected RuntimeError: CUDA error") and "server log" in shown
 
 
 def test_describe_exit() -> None:
