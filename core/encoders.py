@@ -193,11 +193,12 @@ def _auto(checkpoint) -> TextEncoder:
         enc = copy.copy(get_encoder("clip", checkpoint))  # a view: the cached encoder keeps its own detail
         enc.detail = f"auto chose CLIP because its weights loaded: {enc.detail}"
     except EncoderError as exc:
-        if _first_sentence(exc) not in _WARNED:  # once per process and reason, not once per run of a sweep
-            _WARNED.add(_first_sentence(exc))
-            log.warning("auto encoder falls back to MiniLM: %s", _first_sentence(exc))
+        reason = _first_sentence(exc)
+        if reason not in _WARNED:  # once per process and reason, not once per run of a sweep
+            _WARNED.add(reason)
+            log.warning("auto encoder falls back to MiniLM: %s", reason)
         enc = copy.copy(get_encoder("minilm"))
-        enc.detail = f"auto fell back to MiniLM because CLIP is unavailable ({_first_sentence(exc)}); {enc.detail}"
+        enc.detail = f"auto fell back to MiniLM because CLIP is unavailable ({reason}); {enc.detail}"
     enc.requested = "auto"
     return enc
 

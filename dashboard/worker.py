@@ -113,13 +113,9 @@ def describe_error(exc: BaseException) -> str:
     """The job panel's line for a run that raised: our own errors (and ValueError, which the request's checks
     raise) already say what is wrong and what to do, so they are shown as they are; anything else is a
     defect or the system (a torch RuntimeError, a full disk), named as unexpected with its class."""
-    from core.anchors import AnchorError
-    from core.data import DataError
-    from core.encoders import EncoderError
-    from core.engine import UnlearnError
-    from core.runs import RunError
+    from core.cli import USER_ERRORS  # the errors the CLI also shows as one line without a traceback
 
-    if isinstance(exc, (UnlearnError, RunError, DataError, EncoderError, AnchorError, ValueError)):
+    if isinstance(exc, (*USER_ERRORS, ValueError)):
         return str(exc) or type(exc).__name__
     return f"unexpected {type(exc).__name__}: {exc} (the server log has the full trace)"
 
