@@ -62,6 +62,8 @@ class UnlearnConfig:
     importance_after: int = 1         # update steps taken before SR importance is measured
     sr_from: int = 1                  # first step (counted in updates already taken) with the SR term
     sr_normalise: bool = True         # scale SR importance to [0, 1] (by its max) so lam sets the strength
+    sr_quantile: float = 1.0          # with sr_normalise: divide by this quantile of the importance instead, and clip
+                                      # at 1 (1.0: the max; lower lifts the bulk of the weights under the few largest)
     pgd_early_exit: bool = True       # a proxy stops moving once the original model predicts its target
     proxy_labels: str = "target"      # "target" (the attack's, the paper) or "original" (what theta_0 predicts)
     train_from: str = "stem"          # first ResNet stage updated (STAGES); earlier stages stay the original's
@@ -100,6 +102,8 @@ class UnlearnConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not (isinstance(self.sr_quantile, (int, float)) and 0 < self.sr_quantile <= 1):
+            raise ValueError(f"sr_quantile must be in (0, 1], got {self.sr_quantile!r}")
         if self.importance_after < 0 or self.sr_from < self.importance_after:
             raise ValueError("need 0 <= importance_after <= sr_from (importance is measured before SR starts)")
 
@@ -457,7 +461,9 @@ class StructGuard(Method):
         L_align exactly 0 with a zero gradient, so importance there would be all zeros. Computed in
         eval mode (running statistics neither used from the batch nor changed). With sr_normalise the
         weights are divided by their maximum (into [0, 1]), so lam alone sets the strength of the SR
-        term and lam * lr < 2 keeps the most important parameter's update stable.
+        term and lam * lr < 2 keeps the most important parameter's update stable. With sr_quantile q < 1
+        they are divided by the q-quantile and clipped at 1: the importance is heavy-tailed (mean/max
+        1/50 to 1/400), so dividing by the max leaves most weights near 0 and SR guards only the few largest.
         """
         model, R, A, c = ctx.model, ctx.R, ctx.anchors, ctx.config
         s_ori, was = self._s_ori(ctx), model.training
@@ -487,11 +493,15 @@ class StructGuard(Method):
         weights = {k.removeprefix("backbone."): v.detach() for k, v in imp.items() if k.startswith("backbone.")}
         flat = torch.cat([w.flatten() for w in weights.values()])
         raw_mean, raw_max = float(flat.mean()), float(flat.max())
-        if c.sr_normalise and raw_max > 0:
-            weights = {k: w / raw_max for k, w in weights.items()}
+        scale = raw_max
+        if c.sr_quantile < 1:  # kthvalue: torch.quantile refuses tensors over 16M elements
+            scale = float(flat.kthvalue(max(1, math.ceil(c.sr_quantile * len(flat)))).values)
+        if c.sr_normalise and scale > 0:
+            weights = {k: (w / scale).clamp_max(1.0) for k, w in weights.items()}
         ctx.state["weights"] = weights
         ctx.state["importance"] = {"mean": raw_mean, "max": raw_max, "after_steps": ctx.step,
-                                   "mode": c.importance, "normalised": bool(c.sr_normalise and raw_max > 0),
+                                   "mode": c.importance, "normalised": bool(c.sr_normalise and scale > 0),
+                                   "scale": scale,
                                    "seconds": round(time.perf_counter() - t0, 3)}
 
     def optimizer(self, ctx: Context) -> torch.optim.Optimizer:

@@ -445,6 +445,27 @@ def test_structguard_sr_importance(model, forget, anchors):
         torch.testing.assert_close(ctx.state["s_ori"], affinity(original.features(xa), R, A))
 
 
+@pytest.mark.parametrize("q", [0.9, 0.5])
+def test_sr_quantile_divides_by_that_quantile_and_clips_at_one(q, model, forget, anchors):
+    """sr_quantile q: the raw importance divided by its q-quantile, clipped at 1; the same raw numbers as q = 1."""
+    _, x, y = forget
+    base = dict(max_epochs=1, n_adv=4, pgd_iters=2, batch_size=16, check_first_pass=False)
+    by_max = run_unlearning(model, x, y, 10, _config("structguard", **base), anchors.matrix)
+    by_q = run_unlearning(model, x, y, 10, _config("structguard", sr_quantile=q, **base), anchors.matrix)
+    info = by_q.extra["importance"]
+    assert info["mean"] == by_max.extra["importance"]["mean"] and info["max"] == by_max.extra["importance"]["max"]
+    raw = torch.cat([w.flatten() for w in by_max.extra["importance_weights"].values()]) * info["max"]
+    scale = float(raw.kthvalue(math.ceil(q * len(raw))).values)
+    assert info["scale"] == pytest.approx(scale, rel=1e-5) and 0 < scale < info["max"]
+    flat = torch.cat([w.flatten() for w in by_q.extra["importance_weights"].values()])
+    torch.testing.assert_close(flat, (raw / scale).clamp_max(1.0))
+    share_at_one = float((flat == 1.0).float().mean())  # the top 1 - q of the weights (ties aside) sit at 1
+    assert 1 - q - 0.01 <= share_at_one <= 1 - q + 0.05
+    assert float(flat.mean()) > 5 * float((raw / info["max"]).mean())  # the bulk lifted: SR reaches more weights
+    with pytest.raises(ValueError, match="sr_quantile"):
+        UnlearnConfig(sr_quantile=0.0).validate()
+
+
 # --------------------------------------------------------- cancel and NaN guard
 
 
