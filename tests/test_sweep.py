@@ -138,11 +138,15 @@ def test_interrupt_keeps_the_finished_rows(tmp_path, repo_root):
     cmd = [sys.executable, "-m", "core", "bench", "--methods", "neggrad", "--ks", "2", "--seeds", "0,1,2",
            "--max-epochs", "1", "--retain-eval", "200", "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"),
            "--out", str(tmp_path / "t.md"), "--jsonl", str(tmp_path / "rows.jsonl")]
+    # A job started in the background by a non-interactive shell (nohup ... &) inherits SIGINT ignored, and so
+    # would the bench: give it Ctrl+C's default action, as in a terminal, whoever started the tests.
     proc = subprocess.Popen(cmd, cwd=repo_root, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not (tmp_path / "rows.jsonl").exists():
         time.sleep(0.2)
+    assert proc.poll() is None, "the bench ended before the interrupt could be sent"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
