@@ -494,7 +494,7 @@ class StructGuard(Method):
         flat = torch.cat([w.flatten() for w in weights.values()])
         raw_mean, raw_max = float(flat.mean()), float(flat.max())
         scale = raw_max
-        if c.sr_quantile < 1:  # kthvalue: torch.quantile refuses tensors over 16M elements
+        if c.sr_normalise and c.sr_quantile < 1:  # kthvalue: torch.quantile refuses tensors over 16M elements
             scale = float(flat.kthvalue(max(1, math.ceil(c.sr_quantile * len(flat)))).values)
         if c.sr_normalise and scale > 0:
             weights = {k: (w / scale).clamp_max(1.0) for k, w in weights.items()}
