@@ -105,6 +105,15 @@ def tune_cell(cell: TuneCell) -> dict:
             "steps": out.steps, "seconds": time.perf_counter() - t0, "base_r": ctx.base_r}
 
 
+def cell_line(cell: TuneCell, res: dict) -> str:
+    """One run's outcome, printed as it lands: a long grid is otherwise silent until a setting's last seed."""
+    setting = " ".join(f"{n}={v}" for n, v in cell.setting)
+    where = f"k={cell.k} seed={cell.seed} {setting}".rstrip()
+    if "error" in res:
+        return f"{where}: failed: {res['error']}"
+    return f"{where}: A_f {res['A_f']:.1f} A_r {res['A_r']:.2f}, {res['steps']} steps, {res['seconds']:.0f} s"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--method", default="structguard")
@@ -136,6 +145,7 @@ def main() -> int:
         """A setting's row as soon as all its seeds are in (cells finish in any order on Ray)."""
         cell = cells[i]
         by_cell[cell] = {"error": outcome.error} if outcome.error else outcome.value
+        print(f"[{len(by_cell)}/{len(cells)}] {cell_line(cell, by_cell[cell])}", file=sys.stderr, flush=True)
         group = [c for c in cells if c.k == cell.k and c.setting == cell.setting]
         if any(c not in by_cell for c in group):
             return
