@@ -158,7 +158,10 @@ def main() -> int:
             row.update({"A_f": statistics.mean(r["A_f"] for r in res), "A_f_max": max(r["A_f"] for r in res),
                         "A_r": statistics.mean(r["A_r"] for r in res), "A_r_min": min(r["A_r"] for r in res),
                         "steps": statistics.mean(r["steps"] for r in res),
-                        "seconds": statistics.mean(r["seconds"] for r in res), "base_r": res[0]["base_r"]})
+                        "seconds": statistics.mean(r["seconds"] for r in res), "base_r": res[0]["base_r"],
+                        # per forget set, so two settings can be compared seed by seed (paired)
+                        "by_seed": {c.seed: {"A_f": r["A_f"], "A_r": r["A_r"], "steps": r["steps"]}
+                                    for c, r in zip(group, res, strict=True)}})
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.jsonl:
