@@ -1,0 +1,51 @@
+"""bench/paired.py: the paired comparison of two held-out settings that the closing notes quote."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.paired import paired, parse_filter, pick
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(method: str, a_r: dict[int, float], **setting) -> dict:
+    return {"method": method, "k": 32, **setting,
+            "by_seed": {str(s): {"A_f": 0.0, "A_r": v, "steps": 100} for s, v in a_r.items()}}
+
+
+def test_paired_difference_and_interval_by_hand():
+    a = row("adv", {100: 90.0, 101: 88.0, 102: 86.0})
+    b = row("structguard", {100: 91.0, 101: 88.5, 102: 86.0, 103: 80.0})  # 103 has no partner: left out
+    res = paired(a, b)
+    assert res["seeds"] == ["100", "101", "102"]
+    assert res["diffs"] == [1.0, 0.5, 0.0]
+    assert res["mean"] == pytest.approx(0.5)
+    # sd 0.5, t(2 dof) 4.303: half-width 4.303 * 0.5 / sqrt(3)
+    assert res["high"] - res["mean"] == pytest.approx(4.303 * 0.5 / 3 ** 0.5)
+    assert res["b_better"] == 2
+
+
+def test_pick_takes_the_last_matching_row_with_per_seed_results():
+    old = row("adv", {100: 1.0, 101: 2.0}, mix_weight=3.0)
+    new = row("adv", {100: 5.0, 101: 6.0}, mix_weight=3.0)
+    no_seeds = {"method": "adv", "k": 32, "mix_weight": 3.0}
+    assert pick([old, new, no_seeds], parse_filter("method=adv,mix_weight=3.0"), "a") is new
+    with pytest.raises(ValueError, match="no row"):
+        pick([old], parse_filter("method=adv,mix_weight=5.0"), "a")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_filter("method")
+
+
+def test_command_line_reports_and_refuses_clearly(tmp_path):
+    f = tmp_path / "tune.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [row("adv", {100: 90.0, 101: 88.0}),
+                                                      row("structguard", {100: 89.0, 101: 88.0})]))
+    cmd = [sys.executable, "bench/paired.py", str(f), "--a", "method=adv"]
+    out = subprocess.run([*cmd, "--b", "method=structguard"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "-0.50 points" in out.stdout and "B kept more on 0 of 2" in out.stdout
+    bad = subprocess.run([*cmd, "--b", "method=l2ul"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no row with per-seed results" in bad.stderr
