@@ -445,13 +445,21 @@ def test_structguard_sr_importance(model, forget, anchors):
         torch.testing.assert_close(ctx.state["s_ori"], affinity(original.features(xa), R, A))
 
 
+QUANTILE_RUN = dict(max_epochs=1, n_adv=4, pgd_iters=2, batch_size=16, check_first_pass=False)
+
+
+@pytest.fixture(scope="module")
+def by_max(model, forget, anchors):
+    """The q = 1 reference run (importance divided by its max), shared by every quantile below."""
+    _, x, y = forget
+    return run_unlearning(model, x, y, 10, _config("structguard", **QUANTILE_RUN), anchors.matrix)
+
+
 @pytest.mark.parametrize("q", [0.9, 0.5])
-def test_sr_quantile_divides_by_that_quantile_and_clips_at_one(q, model, forget, anchors):
+def test_sr_quantile_divides_by_that_quantile_and_clips_at_one(q, model, forget, anchors, by_max):
     """sr_quantile q: the raw importance divided by its q-quantile, clipped at 1; the same raw numbers as q = 1."""
     _, x, y = forget
-    base = dict(max_epochs=1, n_adv=4, pgd_iters=2, batch_size=16, check_first_pass=False)
-    by_max = run_unlearning(model, x, y, 10, _config("structguard", **base), anchors.matrix)
-    by_q = run_unlearning(model, x, y, 10, _config("structguard", sr_quantile=q, **base), anchors.matrix)
+    by_q = run_unlearning(model, x, y, 10, _config("structguard", sr_quantile=q, **QUANTILE_RUN), anchors.matrix)
     info = by_q.extra["importance"]
     assert info["mean"] == by_max.extra["importance"]["mean"] and info["max"] == by_max.extra["importance"]["max"]
     raw = torch.cat([w.flatten() for w in by_max.extra["importance_weights"].values()]) * info["max"]
