@@ -62,9 +62,13 @@ def main() -> int:
     args = p.parse_args()
     rows = [json.loads(line) for f in args.jsonl for line in Path(f).read_text().splitlines() if line.strip()]
     try:
-        res = paired(pick(rows, parse_filter(args.a), "a"), pick(rows, parse_filter(args.b), "b"))
+        a, b = pick(rows, parse_filter(args.a), "a"), pick(rows, parse_filter(args.b), "b")
+        res = paired(a, b)
     except ValueError as exc:
         p.error(str(exc))
+    stats = {"A_f", "A_f_max", "A_r", "A_r_min", "steps", "seconds", "base_r", "by_seed", "error"}
+    for name, row in (("A", a), ("B", b)):  # the rows picked, so a loose filter cannot pick silently
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in stats))
     n = len(res["seeds"])
     print(f"B - A on A_r over {n} forget sets (seeds {', '.join(res['seeds'])}): {res['mean']:+.2f} points, "
           f"95% interval [{res['low']:+.2f}, {res['high']:+.2f}]; B kept more on {res['b_better']} of {n}")

@@ -47,5 +47,6 @@ def test_command_line_reports_and_refuses_clearly(tmp_path):
     out = subprocess.run([*cmd, "--b", "method=structguard"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "-0.50 points" in out.stdout and "B kept more on 0 of 2" in out.stdout
+    assert "A: method=adv, k=32" in out.stdout
     bad = subprocess.run([*cmd, "--b", "method=l2ul"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "no row with per-seed results" in bad.stderr
