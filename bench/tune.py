@@ -12,6 +12,8 @@ among those the highest mean A_r wins. The test set is not loaded.
 Every value in the grid is an UnlearnConfig field; the method's per-k defaults fill the rest.
 A tuned lr sets StructGuard's projector lr at the authors' ratio (1.8 x) unless the grid names it.
 Each (setting, k, seed) is one cell of core.sweep: `--backend ray --workers N` runs them as Ray tasks.
+Each run prints one line on stderr as it finishes; each setting's --jsonl row keeps every seed's result
+(`by_seed`), which bench/paired.py compares set by set between two settings.
 """
 
 from __future__ import annotations
