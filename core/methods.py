@@ -139,8 +139,7 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # hit the 500-step budget with 2-4 % of the images still recognised; the hinge_dual push forgets every set in 164
 # steps and keeps 68.05 % A_r (mix 1: 61.51, mix 2: not forgotten). A lighter MAS penalty (lam 0.3) lets the plain
 # hinge forget every set (340 steps) and keeps 72.44 % (v9/tune-l2ul-k128-lam.md), Adv's 72.30 on the same sets.
-DUAL = dict(deletion="hinge_dual", dual_lr=0.2)
-V4 = dict(DUAL, train_from="layer2")
+V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 BF16 = dict(precision="auto")
 _K8, _K32, _K128 = dict(lr=0.0006, max_epochs=60), dict(V4, lr=0.001, max_epochs=80), dict(lr=0.001, max_epochs=25)
 # The retention term on mixtures of forget images (mix_weight) keeps the original's answers between the forget
