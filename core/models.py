@@ -165,15 +165,15 @@ class ResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) if entry == "head" else x
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Output of the last conv stage (Grad-CAM target), for inputs entering at `self.entry`; float32 always,
-        computed in the dtype `trunk_dtype` sets."""
+        """Output of the last conv stage (Grad-CAM target), for inputs entering at `self.entry`; float32 (float64 for
+        a model run in double, as numerical checks do), computed in the dtype `trunk_dtype` sets."""
         i, dtype = STAGES.index(self.entry), _TRUNK_DTYPE.get()
         with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext():
             if i == 0:
                 x = self._stem(x)
             for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[max(i - 1, 0):]:
                 x = layer(x)
-        return x.float()
+        return x if x.dtype == torch.float64 else x.float()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry == "head":
