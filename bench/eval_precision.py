@@ -1,0 +1,72 @@
+"""Time the sample model on the test set in float32 and in bfloat16, and count the predictions that change.
+
+    python bench/eval_precision.py [--repeats 3] [--out bench/results/eval-precision.md]
+
+A lead for issue 8's speed target: evaluating the unlearned model is a fifth of a warm run. Run it with nothing
+else on the machine (wall-clock seconds, torch on 2 threads as a run is); bfloat16 only pays where the CPU has it
+natively (AVX-512 BF16, AMX).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.data import load_fashion_mnist  # noqa: E402
+from core.models import load_model  # noqa: E402
+from core.train import prepare_model, to_device_format  # noqa: E402
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None,
+             batch: int = 1000) -> tuple[float, torch.Tensor]:
+    """(seconds, float32 logits) of one pass over x, under autocast to `dtype` (None: plain float32)."""
+    out = []
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for i in range(0, len(x), batch):
+            out.append(model(x[i:i + batch]).float())
+    return time.perf_counter() - t0, torch.cat(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    cpu = torch.device("cpu")
+    model = prepare_model(load_model("fmnist_resnet18_narrow").model, cpu).eval()
+    test = load_fashion_mnist(None, download=False).test
+    x, y = to_device_format(test.images(torch.arange(len(test.labels))), cpu), test.labels
+    evaluate(model, x[:1000], None), evaluate(model, x[:1000], torch.bfloat16)  # warm-up: kernels, allocator
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(a.repeats):
+        t32, l32 = evaluate(model, x, None)
+        t16, l16 = evaluate(model, x, torch.bfloat16)
+        times["fp32"].append(t32)
+        times["bf16"].append(t16)
+    p32, p16 = l32.argmax(1), l16.argmax(1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = [f"Command: `python bench/eval_precision.py --repeats {a.repeats}`; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+             f"the sample model on the {len(y)} test images, median of {a.repeats} (min-max).", "",
+             "| precision | seconds | A_test |", "|---|---|---|"]
+    for k, logits in (("fp32", l32), ("bf16", l16)):
+        acc = (logits.argmax(1) == y).float().mean().item() * 100
+        lines.append(f"| {k} | {med[k]:.2f} ({min(times[k]):.2f}-{max(times[k]):.2f}) | {acc:.2f} |")
+    lines += ["", f"bf16 / fp32 time: {med['bf16'] / med['fp32']:.2f}; predictions that differ: "
+              f"{int((p32 != p16).sum())} of {len(y)}; largest logit difference: {(l32 - l16).abs().max():.3f}."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
