@@ -1,6 +1,8 @@
 """Time the sample model on the test set in float32 and in bfloat16, and count the predictions that change.
 
-    python bench/eval_precision.py [--repeats 3] [--out bench/results/eval-precision.md]
+    python bench/eval_precision.py [--repeats 3] [--runs 'RUNS_DIR/*-k32-*'] [--out bench/results/eval-precision.md]
+
+--runs also compares the two precisions' A_test on each unlearned model saved in the matching run folders.
 
 A lead for issue 8's speed target: evaluating the unlearned model is a fifth of a warm run. Run it with nothing
 else on the machine (wall-clock seconds, torch on 2 threads as a run is); bfloat16 only pays where the CPU has it
@@ -9,6 +11,7 @@ natively (AVX-512 BF16, AMX).
 from __future__ import annotations
 
 import argparse
+import glob
 import statistics
 import sys
 import time
@@ -19,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.data import load_fashion_mnist  # noqa: E402
+from core.engine import load_unlearned  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.train import prepare_model, to_device_format  # noqa: E402
 
@@ -37,6 +41,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--runs", default=None, help="a glob of run folders whose unlearned models to compare as well")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -53,7 +58,8 @@ def main() -> None:
         times["bf16"].append(t16)
     p32, p16 = l32.argmax(1), l16.argmax(1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    lines = [f"Command: `python bench/eval_precision.py --repeats {a.repeats}`; torch {torch.__version__}, "
+    runs = f" --runs '{a.runs}'" if a.runs else ""
+    lines = [f"Command: `python bench/eval_precision.py --repeats {a.repeats}{runs}`; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
              f"the sample model on the {len(y)} test images, median of {a.repeats} (min-max).", "",
              "| precision | seconds | A_test |", "|---|---|---|"]
@@ -62,6 +68,16 @@ def main() -> None:
         lines.append(f"| {k} | {med[k]:.2f} ({min(times[k]):.2f}-{max(times[k]):.2f}) | {acc:.2f} |")
     lines += ["", f"bf16 / fp32 time: {med['bf16'] / med['fp32']:.2f}; predictions that differ: "
               f"{int((p32 != p16).sum())} of {len(y)}; largest logit difference: {(l32 - l16).abs().max():.3f}."]
+    if a.runs:
+        lines += ["", "Unlearned models (A_test in each precision):", "",
+                  "| run | fp32 | bf16 | bf16 - fp32 | predictions that differ |", "|---|---|---|---|---|"]
+        for run in sorted(glob.glob(a.runs)):
+            unlearned = load_unlearned(run).eval()
+            _, u32 = evaluate(unlearned, x, None)
+            _, u16 = evaluate(unlearned, x, torch.bfloat16)
+            acc32, acc16 = ((u.argmax(1) == y).float().mean().item() * 100 for u in (u32, u16))
+            lines.append(f"| {Path(run).name} | {acc32:.2f} | {acc16:.2f} | {acc16 - acc32:+.2f} | "
+                         f"{int((u32.argmax(1) != u16.argmax(1)).sum())} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
