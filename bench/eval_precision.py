@@ -1,4 +1,4 @@
-"""Time the sample model on the test set in float32 and in bfloat16, and count the predictions that change.
+"""Time the engine's evaluation pass on the test set with the conv stages in float32 and in bfloat16.
 
     python bench/eval_precision.py [--repeats 3] [--runs 'RUNS_DIR/*-k32-*'] [--out bench/results/eval-precision.md]
 
@@ -17,25 +17,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.data import load_fashion_mnist  # noqa: E402
+from core.data import Split, load_fashion_mnist  # noqa: E402
 from core.engine import load_unlearned  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.train import prepare_model, to_device_format  # noqa: E402
+from core.metrics import accuracy_from_probs, outputs  # noqa: E402
+from core.models import load_model, trunk_dtype  # noqa: E402
+from core.train import prepare_model  # noqa: E402
 
 
-def evaluate(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None,
-             batch: int = 1000) -> tuple[float, torch.Tensor]:
-    """(seconds, float32 logits) of one pass over x, under autocast to `dtype` (None: plain float32)."""
-    out = []
+def evaluate(model: torch.nn.Module, rows: Split | torch.Tensor, dtype: torch.dtype | None) -> tuple[float, np.ndarray]:
+    """(seconds, softmax probabilities) of the engine's evaluation pass (`core.metrics.outputs`) over `rows`, with
+    the conv stages computing in `dtype` (`core.models.trunk_dtype`; None: float32)."""
     t0 = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        for i in range(0, len(x), batch):
-            out.append(model(x[i:i + batch]).float())
-    return time.perf_counter() - t0, torch.cat(out)
+    with trunk_dtype(dtype):
+        probs = outputs(model, rows).probs
+    return time.perf_counter() - t0, probs
 
 
 def main() -> None:
@@ -48,12 +48,12 @@ def main() -> None:
     cpu = torch.device("cpu")
     model = prepare_model(load_model("fmnist_resnet18_narrow").model, cpu).eval()
     test = load_fashion_mnist(None, download=False).test
-    x, y = to_device_format(test.images(torch.arange(len(test.labels))), cpu), test.labels
-    evaluate(model, x[:1000], None), evaluate(model, x[:1000], torch.bfloat16)  # warm-up: kernels, allocator
+    y = test.labels.numpy()
+    evaluate(model, test, None), evaluate(model, test, torch.bfloat16)  # warm-up: kernels, allocator
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(a.repeats):
-        t32, l32 = evaluate(model, x, None)
-        t16, l16 = evaluate(model, x, torch.bfloat16)
+        t32, l32 = evaluate(model, test, None)
+        t16, l16 = evaluate(model, test, torch.bfloat16)
         times["fp32"].append(t32)
         times["bf16"].append(t16)
     p32, p16 = l32.argmax(1), l16.argmax(1)
@@ -63,19 +63,19 @@ def main() -> None:
              f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
              f"the sample model on the {len(y)} test images, median of {a.repeats} (min-max).", "",
              "| precision | seconds | A_test |", "|---|---|---|"]
-    for k, logits in (("fp32", l32), ("bf16", l16)):
-        acc = (logits.argmax(1) == y).float().mean().item() * 100
-        lines.append(f"| {k} | {med[k]:.2f} ({min(times[k]):.2f}-{max(times[k]):.2f}) | {acc:.2f} |")
+    for k, probs in (("fp32", l32), ("bf16", l16)):
+        lines.append(f"| {k} | {med[k]:.2f} ({min(times[k]):.2f}-{max(times[k]):.2f}) | "
+                     f"{accuracy_from_probs(probs, y):.2f} |")
     lines += ["", f"bf16 / fp32 time: {med['bf16'] / med['fp32']:.2f}; predictions that differ: "
-              f"{int((p32 != p16).sum())} of {len(y)}; largest logit difference: {(l32 - l16).abs().max():.3f}."]
+              f"{int((p32 != p16).sum())} of {len(y)}; largest probability difference: {np.abs(l32 - l16).max():.3f}."]
     if a.runs:
-        lines += ["", "Unlearned models (A_test in each precision):", "",
+        lines += ["", "Unlearned models (A_test with the conv stages in each precision):", "",
                   "| run | fp32 | bf16 | bf16 - fp32 | predictions that differ |", "|---|---|---|---|---|"]
         for run in sorted(glob.glob(a.runs)):
             unlearned = load_unlearned(run).eval()
-            _, u32 = evaluate(unlearned, x, None)
-            _, u16 = evaluate(unlearned, x, torch.bfloat16)
-            acc32, acc16 = ((u.argmax(1) == y).float().mean().item() * 100 for u in (u32, u16))
+            _, u32 = evaluate(unlearned, test, None)
+            _, u16 = evaluate(unlearned, test, torch.bfloat16)
+            acc32, acc16 = accuracy_from_probs(u32, y), accuracy_from_probs(u16, y)
             lines.append(f"| {Path(run).name} | {acc32:.2f} | {acc16:.2f} | {acc16 - acc32:+.2f} | "
                          f"{int((u32.argmax(1) != u16.argmax(1)).sum())} |")
     text = "\n".join(lines) + "\n"

@@ -173,7 +173,7 @@ class ResNet(nn.Module):
                 x = self._stem(x)
             for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[max(i - 1, 0):]:
                 x = layer(x)
-        return x if x.dtype == torch.float64 else x.float()
+        return x.to(torch.promote_types(x.dtype, torch.float32))  # undo autocast's half precision, keep float64
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry == "head":
