@@ -73,6 +73,23 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)); with BatchNorm in eval mode, one convolution with the BatchNorm folded into its weight and bias.
+
+    Eval-mode BatchNorm is a fixed per-channel affine map, so folding it is exact up to rounding, and gradients still
+    reach the conv weight and BatchNorm's affine through the fold. It saves a pass over the activations forward and
+    backward: 17 % of a frozen-BatchNorm update step, and of evaluation (bench/results/fold-bn-intel.md)."""
+    if bn.training or bn.running_var is None or bn.weight is None or bn.bias is None:
+        return bn(conv(x))
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale,
+                    conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return conv_bn(*block.shortcut, x) if len(block.shortcut) else x
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -87,9 +104,9 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out = F.relu(conv_bn(self.conv1, self.bn1, x))
+        out = conv_bn(self.conv2, self.bn2, out)
+        return F.relu(out + _shortcut(self, x))
 
 
 class Bottleneck(nn.Module):
@@ -109,10 +126,10 @@ class Bottleneck(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        out = F.relu(conv_bn(self.conv1, self.bn1, x))
+        out = F.relu(conv_bn(self.conv2, self.bn2, out))
+        out = conv_bn(self.conv3, self.bn3, out)
+        return F.relu(out + _shortcut(self, x))
 
 
 class ResNet(nn.Module):
@@ -152,7 +169,7 @@ class ResNet(nn.Module):
     entry = "stem"
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
+        return F.relu(conv_bn(self.conv1, self.bn1, (x - self.mean) / self.std))
 
     def encode(self, x: torch.Tensor, entry: str) -> torch.Tensor:
         """The input of stage `entry` for images x: the stages before it run (pooled features for "head")."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from core.engine import entering_at
 from core.models import (
@@ -16,6 +18,7 @@ from core.models import (
     STAGES,
     ModelError,
     compute_dtype,
+    conv_bn,
     create_model,
     freeze_before,
     list_models,
@@ -82,11 +85,41 @@ def test_normalisation_is_inside_the_model(tiny_model) -> None:
         seen["x"] = inputs[0]
 
     hook = tiny_model.conv1.register_forward_hook(keep_input)
-    with torch.no_grad():
-        tiny_model(x)
-    hook.remove()
-    torch.testing.assert_close(seen["x"], (x - 0.5) / 0.5)
+    tiny_model.train()  # in eval mode the conv runs folded with its BatchNorm (conv_bn), not as a module call
+    try:
+        with torch.no_grad():
+            tiny_model(torch.cat([x, x]))
+    finally:
+        hook.remove()
+        tiny_model.eval()
+    torch.testing.assert_close(seen["x"][:1], (x - 0.5) / 0.5)
     assert "mean" in tiny_model.state_dict() and "std" in tiny_model.state_dict()
+    with torch.no_grad():  # and the eval-mode stem sees the same normalised input
+        stem = F.relu(tiny_model.bn1(tiny_model.conv1((x - 0.5) / 0.5)))
+        torch.testing.assert_close(tiny_model._stem(x), stem)
+
+
+def test_eval_mode_batchnorm_folds_into_the_conv_with_the_same_outputs_and_gradients() -> None:
+    """conv_bn in eval mode computes bn(conv(x)) as one convolution; outputs and the gradients to the conv weight and
+    BatchNorm's affine are those of the two modules (float64), and train mode still uses the batch's statistics."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3, 2, 1, bias=False).double(), nn.BatchNorm2d(5).double()
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    bn.eval()
+    grads = []
+    for fn in (lambda: bn(conv(x)), lambda: conv_bn(conv, bn, x)):
+        out = fn()
+        g = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                (conv.weight, bn.weight, bn.bias))
+        grads.append((out.detach(), *g))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    bn.train()
+    stats = bn.running_mean.clone()
+    torch.testing.assert_close(conv_bn(conv, bn, x), F.batch_norm(conv(x), None, None, bn.weight, bn.bias, True))
+    assert not torch.equal(bn.running_mean, stats)  # a train-mode call updates the running statistics as before
 
 
 def test_channels_last_gives_the_same_outputs(tiny_model) -> None:
