@@ -5,8 +5,9 @@
 
 Prints, over the forget sets both settings ran on, the mean of B - A on A_r with its 95% t-interval, how many sets
 B kept more on, and the A_f of each. Runs differ by about a point from float rounding alone (docs/METHOD.md,
-engine v5), so a difference whose interval holds 0 is not a finding. Rows without `by_seed` (written before
-bench/tune.py kept it) cannot be paired.
+engine v5), so a difference whose interval holds 0 is not a finding. With several files, `file=PATH` in a filter
+picks the file a row comes from (the same setting before and after an engine change). Rows without `by_seed`
+(written before bench/tune.py kept it) cannot be paired.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def main() -> int:
     p.add_argument("--a", required=True, help="key=value,... picking the reference setting")
     p.add_argument("--b", required=True, help="key=value,... picking the setting compared with it")
     args = p.parse_args()
-    rows = [json.loads(line) for f in args.jsonl for line in Path(f).read_text().splitlines() if line.strip()]
+    # `file` (the path as given) lets a filter pick between files, e.g. the same setting before and after a change
+    rows = [{**json.loads(line), "file": f} for f in args.jsonl for line in Path(f).read_text().splitlines()
+            if line.strip()]
     try:
         a, b = pick(rows, parse_filter(args.a), "a"), pick(rows, parse_filter(args.b), "b")
         res = paired(a, b)

@@ -78,7 +78,7 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
 
     Eval-mode BatchNorm is a fixed per-channel affine map, so folding it is exact up to rounding, and gradients still
     reach the conv weight and BatchNorm's affine through the fold. It saves a pass over the activations forward and
-    backward: 17 % of a frozen-BatchNorm update step, and of evaluation (bench/results/fold-bn-intel.md)."""
+    backward: a tenth of a frozen-BatchNorm update step and of evaluation (bench/results/fold-bn-intel.md)."""
     if bn.training or bn.running_var is None or bn.weight is None or bn.bias is None:
         return bn(conv(x))
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()

@@ -50,3 +50,14 @@ def test_command_line_reports_and_refuses_clearly(tmp_path):
     assert "A: method=adv, k=32" in out.stdout
     bad = subprocess.run([*cmd, "--b", "method=l2ul"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "no row with per-seed results" in bad.stderr
+
+
+def test_file_filter_pairs_the_same_setting_across_two_files(tmp_path):
+    before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+    before.write_text(json.dumps(row("adv", {100: 90.0, 101: 88.0})))
+    after.write_text(json.dumps(row("adv", {100: 91.0, 101: 89.0})))
+    out = subprocess.run([sys.executable, "bench/paired.py", str(before), str(after),
+                          "--a", f"method=adv,file={before}", "--b", f"method=adv,file={after}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "+1.00 points" in out.stdout and f"file={after}" in out.stdout
