@@ -30,8 +30,8 @@ VARIANTS: dict[str, dict] = {"": {}, "paper": {"schedule": "paper"}, "no-sa": {"
                              "no-sr": {"sr": False}, "no-cr": {"cr": False}, "no-mix": {"mix_weight": 0.0}}
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 # The request fields that make two runs of the same (method, k, seed) different experiments.
-CELL_FIELDS = ("model", "dataset", "data_dir", "encoder", "clip_checkpoint", "anchors", "retain_eval", "no_sa",
-               "no_sr", "no_cr") + CONFIG_FLAGS
+CELL_FIELDS = ("model", "dataset", "data_dir", "encoder", "clip_checkpoint", "anchors", "retain_eval", "eval_precision",
+               "no_sa", "no_sr", "no_cr") + CONFIG_FLAGS
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +101,7 @@ def bench_row(run_dir: Path, label: str) -> dict:
     row["term_shares"], row["importance"] = meta.get("term_shares"), meta.get("importance")
     row["cell"] = meta.get("request", {}).get("bench_cell")
     row["precision"] = meta.get("precision")
+    row["eval_precision"] = meta.get("eval_precision", "fp32")  # runs before the option measured in float32
     return row
 
 
@@ -232,10 +233,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     first = ok[0] if ok else {}
     threads = sorted({r["worker"].get("threads") for r in ok if r.get("worker", {}).get("threads")})
     precisions = ", ".join(sorted({r["precision"] for r in ok if r.get("precision")}))
+    measured = ", ".join(sorted({r.get("eval_precision") or "fp32" for r in ok}))
     header = (f"Command: `python -m core {' '.join(sys.argv[1:])}`\n\n"
               f"Device: {first.get('device', '?')}; backend: {getattr(args, 'backend', 'local')}"
               f"{f' (torch threads per run: {threads})' if threads else ''}"
-              f"{f'; update steps in {precisions}' if precisions else ''}; anchors: "
+              f"{f'; update steps in {precisions}' if precisions else ''}"
+              f"{f'; retain and test rows measured in {measured} (forget set: fp32)' if measured else ''}; anchors: "
               f"{first.get('encoder', '?')}; A_r on the retain {first.get('retain_set', '?')}; mean ± std over "
               f"seeds {seeds} (A_test also its 95% t-interval); retrain: the base recipe trained without the forget "
               f"set (bench/retrain), where one exists; runs took {sum(r['seconds'] for r in ok):.0f} s in all"

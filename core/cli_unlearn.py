@@ -40,8 +40,8 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
                       "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",
         "precision": "what the conv stages of the attacks and update steps compute in: auto (bfloat16 where the "
-                     "CPU or GPU has it natively, else float32; the default of our engine), fp32 or bf16; "
-                     "every measurement is float32",
+                     "CPU or GPU has it natively, else float32; the default of our engine), fp32 or bf16 "
+                     "(measurements: --eval-precision)",
         "mix_weight": "weight of the retention term on mixtures of forget images (Adv, L2UL, StructGuard; "
                       "0 = off; default: tuned per forget size, docs/METHOD.md)"}
 
@@ -68,6 +68,10 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchors", default=None, help="anchor JSON file (default: assets/anchors/<dataset>.json)")
     p.add_argument("--runs-dir", default=None, help="where runs are saved (default: ./runs or $STRUCTGUARD_RUNS)")
     p.add_argument("--retain-eval", type=int, default=5000, help="retain subset size for A_r (0 = full set)")
+    p.add_argument("--eval-precision", default="auto", choices=PRECISIONS,
+                   help="what the conv stages compute in when measuring the retain subset, the test set and the "
+                        "audit sample: auto (bfloat16 where native, else float32; default), fp32 or bf16; the "
+                        "forget set is always measured in float32")
     defaults = UnlearnConfig()
     for flag in CONFIG_FLAGS:
         kind = type(getattr(defaults, flag))
@@ -127,7 +131,8 @@ def build_request(args: argparse.Namespace, method: str, k: int | None, seed: in
     return RunRequest(forget_ids=ids, method=method, model=args.model, parent_run=parent,
                       dataset=args.dataset, data_dir=args.data_dir, config=overrides, seed=seed, anchor_texts=texts,
                       encoder=args.encoder, clip_checkpoint=args.clip_checkpoint, runs_root=args.runs_dir,
-                      retain_eval=args.retain_eval, device=args.device)
+                      retain_eval=args.retain_eval, eval_precision=getattr(args, "eval_precision", "auto"),
+                      device=args.device)
 
 
 def result_row(run_dir: Path) -> dict:

@@ -270,7 +270,9 @@ def _metrics_section(rep: _Report, meta: dict, class_names: list[str]) -> None:
     else:
         rep.note_missing("structure scores (metrics.after.structure)")
     run_rows = [["stop reason", meta.get("stop_reason")], ["update steps", meta.get("steps")],
-                ["device", meta.get("device")], ["peak RSS during the run (MB)", meta.get("peak_rss_mb")]]
+                ["device", meta.get("device")], ["update steps computed in", meta.get("precision")],
+                ["retain and test rows measured in (forget set: fp32)", meta.get("eval_precision", "fp32")],
+                ["peak RSS during the run (MB)", meta.get("peak_rss_mb")]]
     t = meta.get("timings")
     if isinstance(t, dict):
         run_rows += [[f"time: {k} (s)", _fmt(v, 1)] for k, v in t.items()]

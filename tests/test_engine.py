@@ -62,7 +62,8 @@ from core.methods import (
     per_sample_abs_grad_mean,
 )
 from core.metrics import dimensional_alignment, knn_overlap, linear_cka
-from core.pipeline import RunRequest, cached_dataset, execute_run
+from core.models import native_bf16
+from core.pipeline import RunRequest, cached_dataset, execute_run, measure, resolve
 from core.proxy import Cancelled, make_proxy_set, random_targets
 from core.train import prepare_model, to_device_format
 
@@ -299,6 +300,27 @@ def test_bf16_precision_is_applied_recorded_and_measured_in_float32(model, forge
     with torch.no_grad():  # "forgotten" holds for the float32 model that is returned and measured
         logits = run.model(x)
     assert logits.dtype == torch.float32 and (logits.argmax(1) != y).all()
+
+
+def test_eval_precision_measures_the_dataset_rows_in_it_and_the_forget_set_in_float32(model, forget, data_dir,
+                                                                                     tmp_path):
+    """eval_precision="bf16": retain, test and audit rows go through the conv stages in bfloat16, the forget set in
+    float32 (what the stop rule checked); the original's cached outputs are kept apart per precision; an unknown
+    precision is refused before any work."""
+    res = {p: resolve(_request(forget[0], "neggrad", tmp_path, data_dir=data_dir, eval_precision=p))
+           for p in ("fp32", "bf16")}
+    assert res["fp32"].eval_dtype is None and res["bf16"].eval_dtype == torch.bfloat16
+    cache = tmp_path / "cache"
+    out = {p: measure(model, r, original_key="model:eval-precision", cache_dir=cache) for p, r in res.items()}
+    np.testing.assert_array_equal(out["fp32"].forget.probs, out["bf16"].forget.probs)
+    for rows in ("test", "retain", "audit_test"):
+        a, b = getattr(out["fp32"], rows).probs, getattr(out["bf16"], rows).probs
+        assert not np.array_equal(a, b), rows  # really computed in bfloat16, not the float32 cache entry
+        assert (a.argmax(1) == b.argmax(1)).mean() > 0.97 and np.abs(a - b).max() < 0.5, rows
+    uncached = measure(model, res["bf16"])  # the same bfloat16 outputs without the cache
+    np.testing.assert_array_equal(uncached.test.probs, out["bf16"].test.probs)
+    with pytest.raises(UnlearnError, match="eval_precision must be one of"):
+        resolve(_request(forget[0], "neggrad", tmp_path, data_dir=data_dir, eval_precision="fp16"))
 
 
 @pytest.mark.parametrize("switches,absent", [
@@ -632,6 +654,7 @@ def test_run_json_records_everything(sg_run, forget, ds):
     assert {"affinity_cosine", "cka", "knn_overlap"} <= set(after["structure"])
     assert all(-1 <= v <= 1 + 1e-6 for v in after["structure"].values())
     assert after["forget_acc"] == meta["history"][-1]["forget_acc"]
+    assert meta["eval_precision"] == ("bf16" if native_bf16(CPU) else "fp32")  # the default "auto", resolved
     # every StructGuard term is live and recorded: importance measured after the first step, shares sum to 1
     assert meta["importance"]["mean"] > 0 and meta["importance"]["after_steps"] == 1
     shares = meta["term_shares"]

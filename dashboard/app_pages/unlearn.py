@@ -114,15 +114,20 @@ with st.expander("Hyperparameters", expanded=not widgets.busy()):
             st.session_state[keys[f]] = getattr(defaults, f)
         st.rerun()
 
-S.widget_defaults(un_retain_eval=5000, un_audit_per_class=20)
+S.widget_defaults(un_retain_eval=5000, un_audit_per_class=20, un_eval_precision="auto")
 with st.expander("Evaluation", expanded=False):
-    e1, e2 = st.columns(2)
+    e1, e2, e3 = st.columns(3)
     e1.number_input("Retain-accuracy sample", min_value=0, step=500, key="un_retain_eval",
                     help="Retain accuracy is measured on a fixed random subset of the retained training images of "
                          "this size (0 = all of them). The test set is always used in full.")
     e2.number_input("Audit samples per class", min_value=2, step=5, key="un_audit_per_class",
                     help="Retained and test images per class stored with the run for drift, affinity and "
                          "membership-inference pictures.")
+    e3.selectbox("Measurement arithmetic", PRECISIONS, key="un_eval_precision",
+                 help="What the convolutions compute in when the retain sample, the test set and the audit sample "
+                      "are measured. auto: bfloat16 where the CPU or GPU has it natively (about 3x faster; "
+                      "accuracies within 0.14 points of float32), else float32. The forget set is always measured "
+                      "in float32, as the engine's stop rule checks it.")
 
 overrides = {f: st.session_state[keys[f]] for f, _, _ in shown} | {"schedule": schedule}
 if method == "structguard":
@@ -143,6 +148,7 @@ if st.button("Start unlearning", type="primary", icon=":material/play_arrow:", d
             model=None if parent else model_name, parent_run=parent, dataset=ds.name, forget_ids=sorted(sel),
             method=method, config=overrides, seed=int(st.session_state.un_seed), runs_root=str(runs_root()),
             retain_eval=int(st.session_state.un_retain_eval), audit_per_class=int(st.session_state.un_audit_per_class),
+            eval_precision=st.session_state.un_eval_precision,
             uploads=[(u.pixels, u.label) for u in ups] or None, **widgets.anchor_fields())
     except (ValueError, TypeError) as exc:
         st.error(f"Cannot start: {exc}")
