@@ -84,7 +84,7 @@ class RunRequest:
     audit_per_class: int = 20                   # retained and test samples per class in the audit sample
     retain_eval: int = 5000                     # retain accuracy on a fixed subset of this size; 0 = full set
     # What the conv stages compute in when measuring the dataset rows (retain subset, test set, audit sample):
-    # "auto" is bfloat16 where the device has it natively (3x faster on such a CPU; A_test within 0.14 points,
+    # "auto" is bfloat16 where the device has it natively (3x faster on such a CPU; A_test within 0.25 points,
     # bench/results/eval-precision-*.md). The forget set is always measured in float32, as the stop rule checks it.
     eval_precision: str = "auto"
     snapshot_every: int = 0                     # audit-sample snapshot every N steps; 0 = about 30 over the run

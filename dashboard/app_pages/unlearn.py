@@ -126,7 +126,7 @@ with st.expander("Evaluation", expanded=False):
     e3.selectbox("Measurement arithmetic", PRECISIONS, key="un_eval_precision",
                  help="What the convolutions compute in when the retain sample, the test set and the audit sample "
                       "are measured. auto: bfloat16 where the CPU or GPU has it natively (about 3x faster; "
-                      "accuracies within 0.14 points of float32), else float32. The forget set is always measured "
+                      "accuracies within a quarter of a point of float32), else float32. The forget set is always measured "
                       "in float32, as the engine's stop rule checks it.")
 
 overrides = {f: st.session_state[keys[f]] for f, _, _ in shown} | {"schedule": schedule}
