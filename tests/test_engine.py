@@ -62,7 +62,7 @@ from core.methods import (
     per_sample_abs_grad_mean,
 )
 from core.metrics import dimensional_alignment, knn_overlap, linear_cka
-from core.models import native_bf16
+from core.models import native_bf16, trunk_dtype
 from core.pipeline import RunRequest, cached_dataset, execute_run, measure, resolve
 from core.proxy import Cancelled, make_proxy_set, random_targets
 from core.train import prepare_model, to_device_format
@@ -712,12 +712,17 @@ def test_saved_model_reproduces_recorded_predictions(sg_run, ds):
     x[train_rows] = ds.train.images(ds.train.positions(ids[train_rows].tolist()))
     x[~train_rows] = ds.test.images(ds.test.positions(ids[~train_rows].tolist()))
     um = prepare_model(um, CPU)
+    # measured as the run measured them: the forget rows in float32, the others in the recorded eval precision
+    meta = json.loads((path / "run.json").read_text())
+    dtype = torch.bfloat16 if meta["eval_precision"] == "bf16" else None
+    logits, feats, back = torch.empty(len(ids), 10), torch.empty(len(ids), 128), torch.empty(len(ids), 128)
     with torch.no_grad():
         xx = to_device_format(x, CPU)
-        logits = um(xx)
-        probs = torch.softmax(logits, 1).numpy()
-        feats = um.features(xx).numpy()
-        back = um.backbone_features(xx).numpy()
+        for rows, dt in ((group == "forget", None), (group != "forget", dtype)):
+            r = torch.as_tensor(rows)
+            with trunk_dtype(dt):
+                logits[r], feats[r], back[r] = um(xx[r]), um.features(xx[r]), um.backbone_features(xx[r])
+    probs, feats, back = torch.softmax(logits, 1).numpy(), feats.numpy(), back.numpy()
     np.testing.assert_array_equal(logits.argmax(1).numpy(), pred_after)
     np.testing.assert_allclose(probs[np.arange(len(labels)), labels], conf_after, atol=1e-4)
     np.testing.assert_allclose(feats, feats_after, atol=1e-4, rtol=1e-4)
