@@ -10,7 +10,8 @@ among those the highest mean A_r wins. The test set is not loaded.
         --grid '{"lr": [0.01, 0.03], "deletion": ["hinge", "ce"]}' --out bench/results/tune-sg.md
 
 Every value in the grid is an UnlearnConfig field; the method's per-k defaults fill the rest.
-A tuned lr sets StructGuard's projector lr at the authors' ratio (1.8 x) unless the grid names it.
+A tuned lr scales StructGuard's projector lr with it (keeping the default's ratio; a projector lr of 0 stays 0)
+unless the grid names it.
 Each (setting, k, seed) is one cell of core.sweep: `--backend ray --workers N` runs them as Ray tasks.
 Each run prints one line on stderr as it finishes; each setting's --jsonl row keeps every seed's result
 (`by_seed`), which bench/paired.py compares set by set between two settings.
@@ -41,8 +42,6 @@ from core.models import load_model  # noqa: E402
 from core.pipeline import cached_dataset  # noqa: E402
 from core.sweep import Outcome, SweepError, add_backend_args, backend_from_args, run_cells  # noqa: E402
 from core.train import prepare_model, to_device_format  # noqa: E402
-
-PROJECTOR_RATIO = 0.009 / 0.005  # the authors' projector/backbone learning-rate ratio, kept when lr is tuned
 
 
 @torch.no_grad()
@@ -99,7 +98,8 @@ def tune_cell(cell: TuneCell) -> dict:
     setting = dict(cell.setting)
     pos = ctx.ds.train.positions(ctx.forget[(cell.k, cell.seed)])
     x_f, y_f = to_device_format(ctx.ds.train.images(pos), torch.device("cpu")), ctx.ds.train.labels[pos]
-    extra = {"projector_lr": round(setting["lr"] * PROJECTOR_RATIO, 6)} if "lr" in setting else {}
+    base = default_config(cell.method, ctx.ds.name, k=cell.k)  # a tuned lr keeps the default projector/backbone ratio
+    extra = {"projector_lr": round(base.projector_lr * setting["lr"] / base.lr, 6)} if "lr" in setting else {}
     cfg = default_config(cell.method, ctx.ds.name, k=cell.k, **dict(extra, **setting, seed=cell.seed))
     t0 = time.perf_counter()
     out = run_unlearning(ctx.model, x_f, y_f, ctx.ds.num_classes, cfg, ctx.anchors)
