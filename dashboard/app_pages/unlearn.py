@@ -14,7 +14,9 @@ from dashboard import widgets
 # (field, label, help) for the main hyperparameters; defaults come from core.methods.default_config.
 FIELDS: list[tuple[str, str, str]] = [
     ("lr", "Learning rate (backbone)", "SGD step size for the classifier's weights."),
-    ("projector_lr", "Learning rate (projector)", "StructGuard only: step size of the projector p_w."),
+    ("projector_lr", "Learning rate (projector)", "StructGuard only: step size of the projector p_w. 0 keeps it the "
+                                                   "identity it starts as (the default up to 32 images: it keeps more "
+                                                   "accuracy, docs/METHOD.md)."),
     ("max_epochs", "Max epochs", "Passes over the proxy set (the forget set for NegGrad); the run stops earlier "
                                  "as soon as forget accuracy reaches 0."),
     ("n_adv", "Adversarial variants per forget image", "Size of the proxy set that stands in for the retain data."),
@@ -126,8 +128,8 @@ with st.expander("Evaluation", expanded=False):
     e3.selectbox("Measurement arithmetic", PRECISIONS, key="un_eval_precision",
                  help="What the convolutions compute in when the retain sample, the test set and the audit sample "
                       "are measured. auto: bfloat16 where the CPU or GPU has it natively (about 3x faster; "
-                      "accuracies within a quarter of a point of float32), else float32. The forget set is always measured "
-                      "in float32, as the engine's stop rule checks it.")
+                      "accuracies within a quarter of a point of float32), else float32. The forget set is always "
+                      "measured in float32, as the engine's stop rule checks it.")
 
 overrides = {f: st.session_state[keys[f]] for f, _, _ in shown} | {"schedule": schedule}
 if method == "structguard":
