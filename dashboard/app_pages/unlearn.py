@@ -15,8 +15,8 @@ from dashboard import widgets
 FIELDS: list[tuple[str, str, str]] = [
     ("lr", "Learning rate (backbone)", "SGD step size for the classifier's weights."),
     ("projector_lr", "Learning rate (projector)", "StructGuard only: step size of the projector p_w. 0 keeps it the "
-                                                   "identity it starts as (the default up to 32 images: it keeps more "
-                                                   "accuracy, docs/METHOD.md)."),
+                                                   "identity it starts as (the default: it keeps more accuracy, "
+                                                   "docs/METHOD.md)."),
     ("max_epochs", "Max epochs", "Passes over the proxy set (the forget set for NegGrad); the run stops earlier "
                                  "as soon as forget accuracy reaches 0."),
     ("n_adv", "Adversarial variants per forget image", "Size of the proxy set that stands in for the retain data."),
