@@ -6,9 +6,9 @@
 with the smallest margin by which a forget image is misclassified (float32): the engine stops as soon as every forget
 image is wrong in float32, often by a hair, and bfloat16 rounding can flip such an image back.
 
-A lead for issue 8's speed target: evaluating the unlearned model is a fifth of a warm run. Run it with nothing
-else on the machine (wall-clock seconds, torch on 2 threads as a run is); bfloat16 only pays where the CPU has it
-natively (AVX-512 BF16, AMX).
+The evidence behind RunRequest.eval_precision="auto" (bfloat16 for the retain and test rows, float32 for the forget
+set; docs/METHOD.md, v10). Run it with nothing else on the machine (wall-clock seconds, torch on 2 threads as a
+run is); bfloat16 only pays where the CPU has it natively (AVX-512 BF16, AMX).
 """
 from __future__ import annotations
 
