@@ -72,9 +72,10 @@ REAL_EXECUTE_RUN = pipeline.execute_run
 
 
 def make_real_run(root: Path, model: str, method: str, forget_ids: list[int], parent: str | None = None,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, config: dict | None = None) -> Path:
     """A complete run directory written by the real engine (tiny budget, small evaluation sets)."""
-    request = pipeline.RunRequest(forget_ids=forget_ids, method=method, model=model, seed=seed, config=dict(TINY),
+    request = pipeline.RunRequest(forget_ids=forget_ids, method=method, model=model, seed=seed,
+                                  config=dict(TINY, **(config or {})),
                                   parent_run=str(root / parent) if parent else None,
                                   data_dir=os.environ["STRUCTGUARD_FASHION_DIR"],
                                   encoder=os.environ["STRUCTGUARD_ENCODER"], runs_root=str(root),
@@ -664,10 +665,13 @@ def test_dashboard_and_report_draw_the_same_drift_map(app_env, saved_run, tmp_pa
     for a, b in zip(dash.data, drawn.data, strict=True):
         np.testing.assert_array_equal(values(a.x), values(b.x))
         np.testing.assert_array_equal(values(a.y), values(b.y))
-    # and the check can fail: StructGuard's backbone features land elsewhere in the same map
-    rec = load_run(saved_run)
-    backbone = drift_view(saved_run, rec.audit, rec.meta, space="backbone")
-    prediction = drift_view(saved_run, rec.audit, rec.meta)
+    # and the check can fail: with a learned projector (the default keeps it the identity), StructGuard's backbone
+    # features land elsewhere in the same map
+    learned = make_real_run(tmp_path / "learned", app_env["STRUCTGUARD_MODEL"], "structguard", [10, 20, 30],
+                            config={"projector_lr": 0.01})
+    rec = load_run(learned)
+    backbone = drift_view(learned, rec.audit, rec.meta, space="backbone")
+    prediction = drift_view(learned, rec.audit, rec.meta)
     assert not np.allclose(backbone.result.after, prediction.result.after)
 
 

@@ -122,8 +122,8 @@ def test_cancel_while_loading(data_dir, tmp_path, monkeypatch) -> None:
 def test_cancel_while_measuring_the_original(data_dir, tmp_path, monkeypatch) -> None:
     """The original model on the full retain set and the test set (about 4,000 images): seconds of batches."""
     monkeypatch.setattr(pipeline, "_ORIGINAL_CACHE", {})  # measured now, not remembered from another test
-    flip = Flip("measuring the original model", 1.0)
-    cancel_in("measuring", flip, request(data_dir, tmp_path / "runs", retain_eval=0),
+    flip = Flip("measuring the original model", 0.3)  # float32: the slower measurement, so the flip lands inside it
+    cancel_in("measuring", flip, request(data_dir, tmp_path / "runs", retain_eval=0, eval_precision="fp32"),
               "cancelled during measuring the original model")
     assert not any("proxy" in m for _, m in flip.messages)
 
@@ -155,8 +155,9 @@ def test_cancel_during_the_update_steps(data_dir, tmp_path) -> None:
 
 def test_cancel_during_evaluation(data_dir, tmp_path) -> None:
     """The unlearned model on the full retain set and the test set (about 4,000 images)."""
-    flip = Flip("measuring the unlearned model", 1.0)
-    cancel_in("evaluation", flip, request(data_dir, tmp_path / "runs", retain_eval=0), "cancelled during evaluation")
+    flip = Flip("measuring the unlearned model", 0.3)  # float32: the slower measurement, so the flip lands inside it
+    cancel_in("evaluation", flip, request(data_dir, tmp_path / "runs", retain_eval=0, eval_precision="fp32"),
+              "cancelled during evaluation")
 
 
 def test_cancel_while_saving(data_dir, tmp_path) -> None:
