@@ -82,13 +82,14 @@ def main() -> None:
             _, u32 = evaluate(unlearned, test, None)
             _, u16 = evaluate(unlearned, test, torch.bfloat16)
             acc32, acc16 = accuracy_from_probs(u32, y), accuracy_from_probs(u16, y)
-            ids = json.loads((Path(run) / "run.json").read_text())["forget_ids"]
-            x_f, y_f = train.images(train.positions(ids)), train.labels[train.positions(ids)]
-            f32, f16 = evaluate(unlearned, x_f, None)[1], evaluate(unlearned, x_f, torch.bfloat16)[1]
-            with torch.no_grad():  # best other logit minus the true one: > 0 for a forgotten image
+            pos = train.positions(json.loads((Path(run) / "run.json").read_text())["forget_ids"])
+            x_f, y_f = train.images(pos), train.labels[pos]
+            f16 = evaluate(unlearned, x_f, torch.bfloat16)[1]
+            with torch.no_grad():  # float32: A_f and the best other logit minus the true one (> 0: forgotten)
                 logits = unlearned(to_device_format(x_f, cpu))
-                margin = float((logits.scatter(1, y_f[:, None], float("-inf")).amax(1)
-                                - logits.gather(1, y_f[:, None]).squeeze(1)).min())
+            f32 = logits.softmax(1).numpy()
+            margin = float((logits.scatter(1, y_f[:, None], float("-inf")).amax(1)
+                            - logits.gather(1, y_f[:, None]).squeeze(1)).min())
             lines.append(f"| {Path(run).name} | {acc32:.2f} | {acc16:.2f} | {acc16 - acc32:+.2f} | "
                          f"{int((u32.argmax(1) != u16.argmax(1)).sum())} | {accuracy_from_probs(f32, y_f.numpy()):.1f} "
                          f"| {accuracy_from_probs(f16, y_f.numpy()):.1f} | {margin:.3f} |")

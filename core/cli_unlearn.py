@@ -131,7 +131,7 @@ def build_request(args: argparse.Namespace, method: str, k: int | None, seed: in
     return RunRequest(forget_ids=ids, method=method, model=args.model, parent_run=parent,
                       dataset=args.dataset, data_dir=args.data_dir, config=overrides, seed=seed, anchor_texts=texts,
                       encoder=args.encoder, clip_checkpoint=args.clip_checkpoint, runs_root=args.runs_dir,
-                      retain_eval=args.retain_eval, eval_precision=getattr(args, "eval_precision", "auto"),
+                      retain_eval=args.retain_eval, eval_precision=args.eval_precision,
                       device=args.device)
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .methods import Batch, Context, Method, UnlearnConfig, get_method, mixture_pool, original_proxy_features
-from .models import ResNet, compute_dtype, freeze_before, load_weights, model_from_card, trunk_dtype
+from .models import ResNet, compute_dtype, freeze_before, load_weights, model_from_card, precision_name, trunk_dtype
 from .proxy import Cancelled, make_proxy_set
 
 
@@ -408,7 +408,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         timings["updates"] -= ctx.state["importance"]["seconds"]
     extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
         if "importance" in ctx.state else {}
-    extra["precision"] = "bf16" if ctx.state["trunk_dtype"] == torch.bfloat16 else "fp32"  # what "auto" became
+    extra["precision"] = precision_name(ctx.state["trunk_dtype"])  # what "auto" became
     return Outcome(live, history, timings, stop_reason, step, None, extra)
 
 

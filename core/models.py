@@ -73,6 +73,11 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What run.json records for a trunk dtype: "bf16" or "fp32" (None)."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """bn(conv(x)); with BatchNorm in eval mode, one convolution with the BatchNorm folded into its weight and bias.
 

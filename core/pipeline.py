@@ -55,7 +55,16 @@ from .metrics import (
     structure_scores,
     true_class_confidence,
 )
-from .models import PRECISIONS, SAMPLE_MODELS, LoadedModel, compute_dtype, load_model, pick_device, trunk_dtype
+from .models import (
+    PRECISIONS,
+    SAMPLE_MODELS,
+    LoadedModel,
+    compute_dtype,
+    load_model,
+    pick_device,
+    precision_name,
+    trunk_dtype,
+)
 from .peak_memory import PeakMemory
 from .train import prepare_model, to_device_format
 
@@ -452,7 +461,7 @@ def measure(model: nn.Module, res: Resolved, original_key: str | None = None,
         with trunk_dtype(dtype):
             if original_key is None:
                 return outputs(model, split, positions, check=check)
-            tag = ("|train" if split is ds.train else "|test") + ("|bf16" if dtype == torch.bfloat16 else "")
+            tag = ("|train" if split is ds.train else "|test") + ("" if dtype is None else f"|{precision_name(dtype)}")
             return original_outputs(original_key + tag, model, split, positions, cache_dir, check)
 
     return Measured(outputs(model, res.x_forget, check=check), on(ds.train, rows.retain), on(ds.test, rows.test),
@@ -628,7 +637,7 @@ def run_meta(res: Resolved, run_id: str, weights_card: dict, metrics: dict, unl:
         "history": outcome.history, "stop_reason": outcome.stop_reason, "steps": outcome.steps,
         "importance": outcome.extra.get("importance"), "term_shares": term_shares(outcome.history),
         "precision": outcome.extra.get("precision"),  # what "auto" resolved to on this device
-        "eval_precision": "bf16" if res.eval_dtype == torch.bfloat16 else "fp32",  # the dataset rows' measurements
+        "eval_precision": precision_name(res.eval_dtype),  # the dataset rows' measurements
     }
 
 
