@@ -42,10 +42,33 @@ def cold(runs: str, seed: int) -> dict:
             "A_f": row["forget_acc"], "A_test": row["test_acc"], "steps": row["steps"]}
 
 
+def dashboard_path(rows: list[dict], ids: list[int], warm_root: str, repeats: int) -> None:
+    from core.pipeline import RunRequest
+    from dashboard import worker
+    from dashboard.jobs import Job
+
+    def via_worker() -> dict:
+        job, t0 = Job(token="speed", label="speed"), time.perf_counter()
+        worker.start([RunRequest(forget_ids=ids, method="structguard", runs_root=warm_root)], job).join()
+        wall = time.perf_counter() - t0
+        if job.status != "done":
+            raise RuntimeError(f"worker run {job.status}: {job.error}")
+        meta = json.loads((job.run_dirs[0] / "run.json").read_text())
+        return {"wall": wall, **{p: meta["timings"].get(p, 0.0) for p in PHASES},
+                "A_f": meta["metrics"]["after"]["forget_acc"], "A_test": meta["metrics"]["after"]["test_acc"],
+                "steps": meta["steps"]}
+
+    via_worker()  # starts the fork server (it preloads torch, core and the data) and compiles UMAP here
+    for _ in range(repeats):
+        rows.append(via_worker())
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/speed-k32.md")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="skip the dashboard path (a machine without streamlit, such as the lent GPU machine)")
     args = p.parse_args()
     import torch
 
@@ -70,25 +93,18 @@ def main() -> int:
                                  **{p: meta["timings"].get(p, 0.0) for p in PHASES},
                                  "A_f": meta["metrics"]["after"]["forget_acc"],
                                  "A_test": meta["metrics"]["after"]["test_acc"], "steps": meta["steps"]})
-        from dashboard import worker
-        from dashboard.jobs import Job
+        if args.no_dashboard:
+            del rows["dashboard (worker process)"]
+        else:
+            dashboard_path(rows["dashboard (worker process)"], ids, warm_root, args.repeats)
+    from core.models import pick_device
 
-        def via_worker() -> dict:
-            job, t0 = Job(token="speed", label="speed"), time.perf_counter()
-            worker.start([RunRequest(forget_ids=ids, method="structguard", runs_root=warm_root)], job).join()
-            wall = time.perf_counter() - t0
-            if job.status != "done":
-                raise RuntimeError(f"worker run {job.status}: {job.error}")
-            meta = json.loads((job.run_dirs[0] / "run.json").read_text())
-            return {"wall": wall, **{p: meta["timings"].get(p, 0.0) for p in PHASES},
-                    "A_f": meta["metrics"]["after"]["forget_acc"], "A_test": meta["metrics"]["after"]["test_acc"],
-                    "steps": meta["steps"]}
-
-        via_worker()  # starts the fork server (it preloads torch, core and the data) and compiles UMAP here
-        for _ in range(args.repeats):
-            rows["dashboard (worker process)"].append(via_worker())
-    lines = [f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats} (min-max).", "",
+    device = pick_device()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, device {device} "
+             f"({where}), {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats} "
+             "(min-max).",
+             "",
              "| path | wall s | execute_run s | proxy | importance | updates | eval (original) | eval (unlearned) "
              "| steps | A_f | A_test |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
