@@ -145,7 +145,7 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # at k=32 every lower projector lr kept more (0.0108: 87.65, 0.0036: 88.16, 0.0012: 88.92, 0.0004: 89.04, 0: 89.43 on
 # seeds 100-107; 0 against 0.0036 on the fresh seeds 108-115: +1.14, 7 of 8), at k=8 +0.64 [+0.04, +1.24], 8 of 8,
 # at k=128 +2.39 [-3.22, +8.00], 3 of 4 (seeds 104-107). SA then aligns the backbone's own features.
-# StructGuard at k=128 with lam 30 and mix 5 kept more on 6 of the 7 held-out sets that it forgot, but left seed 102
+# StructGuard at k=128 with lam 30 and mix 5 kept more on 5 of the 7 held-out sets that it forgot, but left seed 102
 # 3.9 % recognised at the 500-step budget (bench/results/v11/), so k=128 keeps lam 10 and mix 3.
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 BF16 = dict(precision="auto")
