@@ -21,18 +21,15 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(ROOT / ".devdata" / "minilm.json"))
-    p.add_argument("--datasets", default="fashion-mnist")
     args = p.parse_args()
     from core.anchors import JOINER, load_anchor_texts
     from core.data import FASHION_CLASSES
     from core.encoders import get_encoder
 
     enc = get_encoder("minilm")
-    texts: set[str] = set()
-    for name in args.datasets.split(","):
-        anchor_texts = load_anchor_texts(name, list(FASHION_CLASSES))
-        texts |= {JOINER.join(v) for v in anchor_texts.values()} | {a for v in anchor_texts.values() for a in v}
-    texts_sorted = sorted(texts)
+    anchor_texts = load_anchor_texts("fashion-mnist", list(FASHION_CLASSES))
+    joined = {JOINER.join(v) for v in anchor_texts.values()}  # what is encoded; each attribute for truncation warnings
+    texts_sorted = sorted(joined | {a for v in anchor_texts.values() for a in v})
     vecs = enc.encode(texts_sorted)
     table = {"detail": f"{enc.detail}; vectors computed on the CPU machine and carried",
              "dim": enc.dim,

@@ -8,8 +8,7 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/logs
 LOG=$OUT/log.txt
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/bench/gpu
-export STRUCTGUARD_FASHION_DIR=$PWD/.devdata/fashion-mnist STRUCTGUARD_MINILM_TABLE=$PWD/.devdata/minilm.json
+source bench/gpu/env.sh
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" >> "$LOG"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; python3 -c "import torch, numpy; \

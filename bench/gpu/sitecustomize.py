@@ -26,13 +26,12 @@ if _TABLE:
             super().__init__("minilm", _data["dim"], _data["detail"])
 
         def _embed(self, texts: list[str]) -> np.ndarray:
-            raise encoders.EncoderError(f"no precomputed MiniLM vector for {texts[0][:60]!r}")
+            missing = [t for t in texts if t not in _data["vectors"]]
+            if missing:
+                raise encoders.EncoderError(f"no precomputed MiniLM vector for {missing[0][:60]!r}")
+            return np.asarray([_data["vectors"][t] for t in texts], dtype=np.float32)
 
         def truncated(self, text: str) -> bool:
             return bool(_data["truncated"].get(text, False))
 
-    for _text, _vec in _data["vectors"].items():
-        _row = np.asarray(_vec, dtype=np.float32)
-        _row.setflags(write=False)
-        encoders._EMBED_CACHE[("minilm", _text)] = _row
-    encoders._load_minilm = PrecomputedMiniLM
+    encoders._load_minilm = PrecomputedMiniLM  # get_encoder("minilm") and "auto"'s fallback load this
