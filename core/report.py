@@ -31,7 +31,7 @@ from plotly.offline import get_plotlyjs
 
 from . import figures as F
 from .audit.mia import MIA_DEFINITION, mia_before_after
-from .audit.views import accuracy_rows, affinity_view, drift_view, gradcam_view
+from .audit.views import TOW_DEFINITION, accuracy_rows, affinity_view, drift_view, gradcam_view
 from .downloads import env_flag
 from .runs import storage_error, write_atomic
 
@@ -252,10 +252,10 @@ def _metrics_section(rep: _Report, meta: dict, class_names: list[str]) -> None:
         mia = ref.get("mia_forget_member_rate") or {}
         rep.block("text", Markup(
             "Retrain reference: the base model's recipe trained from scratch without the forget set "
-            "(<code>{}</code>, made by <code>{}</code>). Tug-of-War score {} (1 = the retrained model's "
-            "accuracies). Forget samples called members by the confidence attack: unlearned {}, retrained {}.").format(
-            ref.get("card"), ref.get("command"), _fmt(ref.get("tug_of_war"), 3), _fmt(mia.get("unlearned"), 3),
-            _fmt(mia.get("retrain"), 3)))
+            "(<code>{}</code>, made by <code>{}</code>). Tug-of-War score {}: {} "
+            "Forget samples called members by the confidence attack: unlearned {}, retrained {}.").format(
+            ref.get("card"), ref.get("command"), _fmt(ref.get("tug_of_war"), 3), TOW_DEFINITION,
+            _fmt(mia.get("unlearned"), 3), _fmt(mia.get("retrain"), 3)))
     extra = f"Retain accuracy measured on: {after.get('retain_set', 'unknown')}."
     if "dim_alignment_energy" in after:
         extra += (" Dimensional alignment: share of the forget features' energy inside the top eigenspace holding "

@@ -7,15 +7,18 @@ few hundred real Fashion-MNIST images, so the file stays quick on a 2-core CPU.
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 
 import pytest
 import torch
 
+from core.audit.views import TOW_DEFINITION
 from core.data import Dataset
 from core.models import LoadedModel, load_model
 from core.pipeline import RunRequest, execute_run, tug_of_war
+from core.report import build_report
 from core.retrain import find_retrained, ids_hash, recipe_of, retrain, save_retrained
 
 pytestmark = pytest.mark.timeout(600)
@@ -116,7 +119,8 @@ def test_run_record_compares_with_a_retrained_reference(sample_model, tmp_path, 
     request = RunRequest(forget_ids=forget, method="adv", runs_root=str(tmp_path / "runs"), retain_eval=200,
                          audit_per_class=2, encoder="minilm",
                          config={"pgd_iters": 2, "n_adv": 2, "max_epochs": 2})
-    meta = json.loads((execute_run(request) / "run.json").read_text())
+    run_dir = execute_run(request)
+    meta = json.loads((run_dir / "run.json").read_text())
     ref, before, after = meta["metrics"]["retrain"], meta["metrics"]["before"], meta["metrics"]["after"]
     for key in ("forget_acc", "retain_acc", "test_acc"):
         assert ref[key] == pytest.approx(before[key]), key
@@ -125,3 +129,7 @@ def test_run_record_compares_with_a_retrained_reference(sample_model, tmp_path, 
     assert ref["card"].endswith("same.json") and "retrain" in ref["command"]
     rates = ref["mia_forget_member_rate"]
     assert 0 <= rates["retrain"] <= 1 and 0 <= rates["unlearned"] <= 1
+    # the report shows the reference: its card, the score, and why forgetting every image scores low
+    page = build_report(run_dir, gradcam=False).path.read_text()
+    assert "same.json" in page and f"Tug-of-War score {ref['tug_of_war']:.3f}" in page
+    assert html.escape(TOW_DEFINITION, quote=False) in page

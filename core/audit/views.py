@@ -28,6 +28,10 @@ __all__ = ["ACCURACY_ROWS", "AffinityView", "DriftView", "GradCamView", "accurac
            "drift_method", "drift_view", "gradcam_view"]
 
 VIEW_VERSION = 2  # bump when a view's computation changes: older caches are then ignored
+# What the Tug-of-War score is, and why a run that forgets every image scores low (Audit page and report).
+TOW_DEFINITION = ("Product over A_f, A_r, A_test of (1 - |unlearned - retrained| / 100); 1 = the retrained model. "
+                  "The retrained model still recognises most forget images (they look like their class), so a run "
+                  "that misclassifies all of them scores low here by design.")
 ACCURACY_ROWS = (("forget_acc", "Forget accuracy A_f (%)", "down"), ("retain_acc", "Retain accuracy A_r (%)", "up"),
                  ("test_acc", "Test accuracy A_test (%)", "up"),
                  ("dim_alignment", "Dimensional alignment of forget features", "down"))

@@ -102,9 +102,7 @@ if reference:
                    None if row["gap"] is None else f"{row['gap']:+.2f} (unlearned − retrained)", delta_color="off",
                    help="The base model's recipe trained from scratch without the forget set: the reference.")
     cols[3].metric("Tug-of-War vs retrain", f"{reference['tug_of_war']:.3f}",
-                   help="Product over A_f, A_r, A_test of (1 - |unlearned - retrained| / 100); 1 = the retrained "
-                        "model. The retrained model still recognises most forget images (they look like their "
-                        "class), so a run that misclassifies all of them scores low here by design.")
+                   help=views.TOW_DEFINITION)
     st.caption(f"Retrain reference `{reference.get('card')}` (made by `{reference.get('command')}`).")
 else:
     st.caption("No retrained reference for this forget set (`python -m core retrain --ids FILE` makes one).")
