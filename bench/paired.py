@@ -6,8 +6,10 @@
 Prints, over the forget sets both settings ran on, the mean of B - A on A_r with its 95% t-interval, how many sets
 B kept more on, and the A_f of each. Runs differ by about a point from float rounding alone (docs/METHOD.md,
 engine v5), so a difference whose interval holds 0 is not a finding. With several files, `file=PATH` in a filter
-picks the file a row comes from (the same setting before and after an engine change). Rows without `by_seed`
-(written before bench/tune.py kept it) cannot be paired.
+picks the file a row comes from (the same setting before and after an engine change). `--a` or `--b` given more
+than once joins the rows they pick into one setting, for a setting whose forget sets ran in separate rows (for
+example seeds 100-103 and 104-107); a forget set in two of them is refused. Rows without `by_seed` (written before
+bench/tune.py kept it) cannot be paired.
 """
 from __future__ import annotations
 
@@ -42,6 +44,18 @@ def pick(rows: list[dict], want: dict[str, str], name: str) -> dict:
     return found[-1]
 
 
+def join(rows: list[dict], name: str) -> dict:
+    """One setting from the rows picked for it: their per-seed results side by side (each forget set once)."""
+    by_seed: dict[str, dict] = {}
+    for r in rows:
+        twice = sorted(set(by_seed) & set(r["by_seed"]), key=int)
+        if twice:
+            raise ValueError(f"--{name}: forget set(s) {', '.join(twice)} appear in two of the rows picked; "
+                             "narrow the filters (file=..., a setting's key) so that each set comes from one row")
+        by_seed.update(r["by_seed"])
+    return {**rows[-1], "by_seed": by_seed}
+
+
 def paired(a: dict, b: dict) -> dict:
     """B - A on A_r over the forget sets both have: mean, 95% t-interval, and the per-set numbers."""
     seeds = sorted(set(a["by_seed"]) & set(b["by_seed"]), key=int)
@@ -58,20 +72,24 @@ def paired(a: dict, b: dict) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("jsonl", nargs="+", help="bench/tune.py --jsonl files")
-    p.add_argument("--a", required=True, help="key=value,... picking the reference setting")
-    p.add_argument("--b", required=True, help="key=value,... picking the setting compared with it")
+    p.add_argument("--a", required=True, action="append",
+                   help="key=value,... picking the reference setting (repeat to join rows of other forget sets)")
+    p.add_argument("--b", required=True, action="append",
+                   help="key=value,... picking the setting compared with it (repeatable, as --a)")
     args = p.parse_args()
     # `file` (the path as given) lets a filter pick between files, e.g. the same setting before and after a change
     rows = [{**json.loads(line), "file": f} for f in args.jsonl for line in Path(f).read_text().splitlines()
             if line.strip()]
     try:
-        a, b = pick(rows, parse_filter(args.a), "a"), pick(rows, parse_filter(args.b), "b")
-        res = paired(a, b)
+        picked = {name: [pick(rows, parse_filter(f), name) for f in getattr(args, name)] for name in ("a", "b")}
+        res = paired(join(picked["a"], "a"), join(picked["b"], "b"))
     except ValueError as exc:
         p.error(str(exc))
     stats = {"A_f", "A_f_max", "A_r", "A_r_min", "steps", "seconds", "base_r", "by_seed", "error"}
-    for name, row in (("A", a), ("B", b)):  # the rows picked, so a loose filter cannot pick silently
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in stats))
+    for name in ("a", "b"):  # the rows picked, so a loose filter cannot pick silently
+        for row in picked[name]:
+            print(f"{name.upper()}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in stats)
+                  + f" (sets {', '.join(sorted(row['by_seed'], key=int))})")
     n = len(res["seeds"])
     print(f"B - A on A_r over {n} forget sets (seeds {', '.join(res['seeds'])}): {res['mean']:+.2f} points, "
           f"95% interval [{res['low']:+.2f}, {res['high']:+.2f}]; B kept more on {res['b_better']} of {n}")

@@ -61,3 +61,17 @@ def test_file_filter_pairs_the_same_setting_across_two_files(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "+1.00 points" in out.stdout and f"file={after}" in out.stdout
+
+
+def test_repeated_filters_join_rows_of_other_forget_sets(tmp_path):
+    f = tmp_path / "tune.jsonl"
+    rows = [row("adv", {100: 90.0, 101: 88.0}, part=1), row("adv", {102: 80.0, 103: 82.0}, part=2),
+            row("structguard", {100: 91.0, 101: 88.0, 102: 81.0, 103: 82.0})]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    cmd = [sys.executable, "bench/paired.py", str(f), "--b", "method=structguard", "--a", "method=adv,part=1"]
+    out = subprocess.run([*cmd, "--a", "method=adv,part=2"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "over 4 forget sets (seeds 100, 101, 102, 103): +0.50 points" in out.stdout
+    assert "B kept more on 2 of 4" in out.stdout and "(sets 102, 103)" in out.stdout
+    twice = subprocess.run([*cmd, "--a", "method=adv,part=1"], cwd=ROOT, capture_output=True, text=True)
+    assert twice.returncode == 2 and "100, 101 appear in two of the rows picked" in twice.stderr
