@@ -14,21 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .methods import (
-    Batch,
-    Context,
-    Method,
-    UnlearnConfig,
-    get_method,
-    hinge_per_row,
-    mixture_batch,
-    mixture_pool,
-    original_proxy_features,
-)
+from .methods import Batch, Context, Method, UnlearnConfig, get_method, mixture_pool, original_proxy_features
 from .models import ResNet, compute_dtype, freeze_before, load_weights, model_from_card, precision_name, trunk_dtype
 from .proxy import Cancelled, make_proxy_set
 
@@ -361,7 +350,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     if acc == 0.0 and checked:
         stop_reason = "forgotten"
     _update_mode(live, config, checked=False)
-    while stop_reason not in ("forgotten", "finishing") and step < max_steps:
+    while stop_reason != "forgotten" and step < max_steps:
         order = torch.randperm(n_pool, generator=gen)
         for s in range(steps_per_epoch):
             cb.check_cancel("the update steps")
@@ -409,13 +398,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             if done:
                 stop_reason = "forgotten"
                 break
-            if checked and recipe.needs_proxy and 0 < acc <= config.finish_below:
-                stop_reason = "finishing"
-                break
             if step >= max_steps:
                 break
-    if stop_reason == "finishing":
-        acc, stop_reason = _finish_head(ctx, live, x_forget, y_forget, history, step)
     snapshot(step)  # the timeline always ends at the returned model
     live.eval()
     timings["updates"] = time.perf_counter() - t0
@@ -426,52 +410,6 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         if "importance" in ctx.state else {}
     extra["precision"] = precision_name(ctx.state["trunk_dtype"])  # what "auto" became
     return Outcome(live, history, timings, stop_reason, step, None, extra)
-
-
-@torch.no_grad()
-def _features(live: UnlearnedModel, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    live.eval()
-    return torch.cat([live.features(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-
-
-def _finish_head(ctx: Context, live: UnlearnedModel, x_forget: torch.Tensor, y_forget: torch.Tensor,
-                 history: list[dict], step: int) -> tuple[float, str]:
-    """The last forget images: only the classifier moves, on features computed once (PROTOTYPE, not kept).
-
-    The backbone stays as it is; the classifier gets a hinge on the forget images with a weight per image that grows
-    while it is still on the wrong side, cross-entropy on the whole proxy set, the mixture KL and CR."""
-    c = ctx.config
-    f_f, f_a = _features(live, x_forget), _features(live, ctx.x_adv)
-    mix = c.mix_weight > 0 and "mix_pool" in ctx.state
-    if mix:
-        mixture_batch(ctx)  # makes the original's answers on the pool
-        f_m, t_m = _features(live, ctx.state["mix_pool"]), ctx.state["mix_target"]
-    head = live.base().linear
-    opt = torch.optim.SGD([head.weight, head.bias], lr=c.finish_lr, momentum=c.momentum)
-    n_f, n_a = len(x_forget), min(c.batch_size, len(ctx.x_adv))
-    w_f = n_f / (n_f + n_a)
-    acc, n, dual = 100.0, 0, torch.ones(n_f, device=f_f.device)
-    for n in range(1, c.finish_steps + 1):
-        logits = head(f_f)
-        acc = float((logits.argmax(1) == y_forget).float().mean() * 100)
-        if acc == 0:
-            n -= 1
-            break
-        hinge = hinge_per_row(logits, y_forget, c.margin)
-        loss = w_f * (dual * hinge).mean() + (1 - w_f) * F.cross_entropy(head(f_a), ctx.y_adv)
-        dual = dual + hinge.detach()  # an image that stays on the wrong side weighs more at every step
-        if mix:
-            loss = loss + c.mix_weight * F.kl_div(F.log_softmax(head(f_m), 1), t_m, reduction="batchmean")
-        if c.cr and live.projector is not None:
-            w = head.weight
-            loss = loss + c.cr_weight * (0.99 * w.abs().sum() + 0.005 * w.pow(2).sum())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    acc = _forget_accuracy(live, x_forget, y_forget, step)
-    history.append({"step": step, "epoch": history[-1]["epoch"], "loss": None, "terms": {}, "forget_acc": acc,
-                    "finish_steps": n})
-    return acc, ("forgotten" if acc == 0 else "max_epochs")
 
 
 def term_shares(history: list[dict]) -> dict[str, float]:

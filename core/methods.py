@@ -65,10 +65,6 @@ class UnlearnConfig:
     sr_quantile: float = 1.0          # with sr_normalise: divide by this quantile of the importance instead, and clip
                                       # at 1 (1.0: the max; lower lifts the bulk of the weights under the few largest)
     pgd_early_exit: bool = True       # a proxy stops moving once the original model predicts its target
-    finish_below: float = 0.0         # proxy methods: once forget accuracy is at most this (%), the backbone stops and
-                                      # only the classifier moves, on cached features (engine._finish_head; 0 = off)
-    finish_lr: float = 0.01           # learning rate of those classifier steps
-    finish_steps: int = 2000          # at most this many classifier steps
     proxy_labels: str = "target"      # "target" (the attack's, the paper) or "original" (what theta_0 predicts)
     train_from: str = "stem"          # first ResNet stage updated (STAGES); earlier stages stay the original's
     precision: str = "fp32"           # conv stages in attacks and update steps: "fp32", "bf16", or "auto" (bf16 where
