@@ -1,0 +1,16 @@
+"""bench/step_profile.py: the step it times has the run's rows, dtype and updated stages."""
+from bench.step_profile import step_parts
+from core.methods import default_config
+
+
+def test_step_parts_time_the_rows_of_a_k32_step():
+    cfg = default_config("structguard", "fashion-mnist", 32, precision="fp32")
+    meta = {"config": cfg.to_dict(), "model": {"name": "fmnist_resnet18_narrow",
+                                               "card": {"input_shape": [1, 28, 28]}}, "forget_ids": list(range(32))}
+    parts = dict(step_parts(meta, repeats=1))
+    rows = 32 + cfg.batch_size + cfg.mix_batch  # forget images, proxies, mixtures
+    assert list(parts) == [f"forward + backward, {rows} rows (fp32)", "forget check, 32 rows (fp32)",
+                           "SR penalty, forward + backward", "SGD update"]
+    assert all(ms > 0 for ms in parts.values())
+    # the step runs the updated stages on many rows; the check runs them on the forget set only
+    assert parts[f"forward + backward, {rows} rows (fp32)"] > parts["forget check, 32 rows (fp32)"]
