@@ -24,8 +24,8 @@ import numpy as np
 from .affinity import anchor_similarity, class_mean_affinity, row_cosine, row_cosine_summary, sample_affinity
 from .drift import DriftResult, embedding_drift, project_snapshots
 
-__all__ = ["ACCURACY_ROWS", "AffinityView", "DriftView", "GradCamView", "accuracy_rows", "affinity_view",
-           "drift_method", "drift_view", "gradcam_view"]
+__all__ = ["ACCURACY_ROWS", "TOW_DEFINITION", "AffinityView", "DriftView", "GradCamView", "accuracy_rows",
+           "affinity_view", "drift_method", "drift_view", "gradcam_view"]
 
 VIEW_VERSION = 2  # bump when a view's computation changes: older caches are then ignored
 # What the Tug-of-War score is, and why a run that forgets every image scores low (Audit page and report).
