@@ -4,7 +4,8 @@
 #   1. the retrain references that are missing (k=8 seeds 0-2, k=32 seed 2, k=128 seeds 0-2), seven at once;
 #   2. bench/speed.py alone on the GPU (cold CLI and warm execute_run; no dashboard: no streamlit there);
 #   3. the full bench grid, one process per method or variant at once (so its seconds are shared-GPU seconds).
-# Every phase has a deadline, so whatever finished comes back under $OUT.
+# Every phase has a deadline, so whatever finished comes back under $OUT. A later session reruns part of it:
+#   RETRAIN="" SPEED_S=0 KS=128 METHODS="adv l2ul" bash bench/gpu/run.sh   (no retrain, no speed, two bench rows)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/logs
 LOG=$OUT/log.txt
@@ -15,8 +16,11 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" >> "$LOG"; }
 print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"; } >> "$LOG" 2>&1
 
 RETRAIN_S=${RETRAIN_S:-240}; SPEED_S=${SPEED_S:-150}; TOTAL_S=${TOTAL_S:-530}
-stamp "retrain: seven forget sets at once (deadline ${RETRAIN_S} s)"
-for spec in 8:0 8:1 8:2 32:2 128:0 128:1 128:2; do
+RETRAIN=${RETRAIN-8:0 8:1 8:2 32:2 128:0 128:1 128:2}; KS=${KS:-8,32,128}
+METHODS=${METHODS:-neggrad adv l2ul structguard structguard:paper structguard:no-sa structguard:no-sr structguard:no-cr}
+if [ -n "$RETRAIN" ]; then
+stamp "retrain: $RETRAIN at once (deadline ${RETRAIN_S} s)"
+for spec in $RETRAIN; do
   k=${spec%:*}; s=${spec#*:}
   OMP_NUM_THREADS=2 timeout "$RETRAIN_S" python3 -m core retrain --k "$k" --forget-seed "$s" \
     > "/tmp/logs/retrain-k$k-s$s.out" 2> "/tmp/logs/retrain-k$k-s$s.err" &
@@ -27,17 +31,20 @@ for f in /tmp/logs/retrain-*.err; do tail -c 400 "$f" | tr '\r' '\n' | tail -n 2
 (cd bench/retrain/fmnist_resnet18_narrow && tar cf "$OUT/retrain-k8-k32.tar" k8-seed*.* k32-seed2.* 2>>"$LOG";
  tar cf "$OUT/retrain-k128.tar" k128-seed*.* 2>>"$LOG")
 stamp "retrain done"
+fi
 
+if [ "$SPEED_S" -gt 0 ]; then
 stamp "speed (deadline ${SPEED_S} s)"
 timeout "$SPEED_S" python3 bench/speed.py --repeats 3 --no-dashboard --out "$OUT/speed-k32-h200.md" \
   > /tmp/logs/speed.out 2>&1 || { echo "speed failed:"; tail -n 30 /tmp/logs/speed.out; } >> "$LOG"
 stamp "speed done"
+fi
 
 BENCH_S=$(( TOTAL_S - ($(date +%s) - t0) - 20 ))
-stamp "bench: eight processes at once (deadline ${BENCH_S} s)"
-for m in neggrad adv l2ul structguard structguard:paper structguard:no-sa structguard:no-sr structguard:no-cr; do
+stamp "bench: $METHODS at k=$KS, one process each, at once (deadline ${BENCH_S} s)"
+for m in $METHODS; do
   n=${m/:/-}
-  OMP_NUM_THREADS=2 timeout "$BENCH_S" python3 -m core bench --methods "$m" --ks 8,32,128 --seeds 0,1,2 \
+  OMP_NUM_THREADS=2 timeout "$BENCH_S" python3 -m core bench --methods "$m" --ks "$KS" --seeds 0,1,2 \
     --backend local --jsonl "$OUT/bench-h200.jsonl" --runs-dir "/tmp/runs/$n" --out "/tmp/logs/bench-$n.md" \
     > "/tmp/logs/bench-$n.out" 2>&1 &
 done
