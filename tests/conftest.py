@@ -7,13 +7,16 @@ Session-scoped (built once, treat as read-only): `bundled_fashion`, `fashion`,
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +25,10 @@ import pytest
 
 # Nothing in the tests may reach a model hub; set before core (or huggingface_hub) is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A test session has its own on-disk text-embedding cache: it never reads or fills the user's.
+_TEXT_CACHE = tempfile.mkdtemp(prefix="structguard-text-cache-")
+os.environ["STRUCTGUARD_TEXT_CACHE"] = _TEXT_CACHE
+atexit.register(shutil.rmtree, _TEXT_CACHE, True)
 
 import torch  # noqa: E402
 

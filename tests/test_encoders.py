@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -288,3 +292,97 @@ def test_encoder_status_reports_a_bad_checkpoint_path(tmp_path, monkeypatch):
     monkeypatch.setenv(encoders.CHECKPOINT_ENV, str(tmp_path / "missing.safetensors"))
     clip = encoder_status()[0]
     assert not clip["available"] and "missing.safetensors" in clip["detail"]
+
+
+# ------------------------------------------------------------------- the on-disk embedding cache
+
+
+@pytest.fixture
+def text_cache(tmp_path, monkeypatch, minilm):
+    """An empty disk cache, no encoder or embedding in memory, and a counter of MiniLM loads (each load hands out
+    a view of the module's MiniLM, so no test pays for the weights twice). new_process() forgets what a fresh
+    process would not have."""
+    root = tmp_path / "text-cache"
+    monkeypatch.setenv(encoders.TEXT_CACHE_ENV, str(root))
+    monkeypatch.setattr(encoders, "_MODEL_CACHE", {})
+    monkeypatch.setattr(encoders, "_EMBED_CACHE", {})
+    real = minilm._load() if isinstance(minilm, encoders.DiskBackedEncoder) else minilm
+    loads: list[int] = []
+
+    def load() -> encoders.TextEncoder:
+        loads.append(1)
+        fresh = copy.copy(real)
+        fresh.disk = None  # as a load makes it
+        return fresh
+
+    monkeypatch.setattr(encoders, "_load_minilm", load)
+
+    def new_process() -> None:
+        encoders._MODEL_CACHE.clear()
+        encoders._EMBED_CACHE.clear()
+
+    return root, loads, new_process
+
+
+def test_a_new_process_with_every_text_on_disk_never_loads_the_model(text_cache):
+    root, loads, new_process = text_cache
+    texts = _unique(3)
+    first = get_encoder("minilm")
+    vecs = first.encode(texts)
+    cut = first.truncated(texts[0])
+    assert loads == [1] and len(list(root.glob("*/*.json"))) == 4  # meta.json and one record per text
+    new_process()
+    second = get_encoder("minilm")
+    assert isinstance(second, encoders.DiskBackedEncoder)
+    assert (second.name, second.dim, second.detail) == (first.name, first.dim, first.detail)
+    np.testing.assert_array_equal(second.encode(texts[::-1]), vecs[::-1])  # bit for bit
+    assert second.truncated(texts[0]) is cut and loads == [1]
+    new_text = _unique(1)
+    np.testing.assert_allclose(second.encode(new_text), first._embed(new_text), atol=1e-6)  # loads the model
+    assert loads == [1, 1] and get_encoder("minilm") is second
+    assert isinstance(second.load(), encoders.MiniLMEncoder) and loads == [1, 1]  # what the fork server preloads
+
+
+def test_a_damaged_or_foreign_record_is_a_miss_and_is_rewritten(text_cache):
+    root, loads, new_process = text_cache
+    a, b = _unique(2)
+    vecs = get_encoder("minilm").encode([a, b])
+    rec_a, rec_b = (encoders._record_path(get_encoder("minilm").disk, t) for t in (a, b))
+    rec_a.write_text("{not json")
+    rec_b.write_text(json.dumps({"text": "another text", "vector": [0.0] * 384}))  # a hash collision
+    new_process()
+    np.testing.assert_allclose(get_encoder("minilm").encode([a, b]), vecs, atol=1e-6)
+    assert loads == [1, 1]
+    assert json.loads(rec_a.read_text())["text"] == a and json.loads(rec_b.read_text())["text"] == b
+
+
+def test_the_cache_is_keyed_by_the_weights_file_and_can_be_turned_off(text_cache, tmp_path, monkeypatch):
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"x" * 10)
+    before = encoders._disk_folder(("minilm",), weights)
+    os.utime(weights, ns=(1, 1))
+    assert encoders._disk_folder(("minilm",), weights) != before  # replaced weights: another folder
+    assert encoders._disk_folder(("minilm",), tmp_path / "missing") is None
+    monkeypatch.setenv(encoders.TEXT_CACHE_ENV, "off")
+    assert encoders.text_cache_root() is None
+    enc = get_encoder("minilm")
+    assert enc.disk is None and enc.encode(_unique(1)).shape == (1, 384)
+
+
+def test_an_unwritable_cache_costs_speed_not_the_run(text_cache, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(encoders.TEXT_CACHE_ENV, str(blocker / "cache"))  # cannot become a folder
+    enc = get_encoder("minilm")
+    assert enc.encode(_unique(2)).shape == (2, 384) and not enc.truncated("a short text")
+
+
+def test_a_fresh_process_skips_the_text_model_when_its_anchors_are_on_disk(tmp_path):
+    """The claim of the cache, in real processes: the second run of the same anchors imports no sentence-transformers."""
+    code = ("import sys; from core.encoders import get_encoder; e = get_encoder('minilm'); "
+            "v = e.encode(['a sneaker with laces']); e.truncated('a sneaker with laces'); "
+            "print('sentence_transformers' in sys.modules, repr(v[0, :4].tolist()))")
+    env = dict(os.environ, **{encoders.TEXT_CACHE_ENV: str(tmp_path / "tc"), "HF_HUB_OFFLINE": "1"})
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                           capture_output=True, text=True, check=True).stdout.split(" ", 1) for _ in range(2)]
+    assert [r[0] for r in runs] == ["True", "False"] and runs[0][1] == runs[1][1]
