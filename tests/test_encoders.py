@@ -378,7 +378,7 @@ def test_an_unwritable_cache_costs_speed_not_the_run(text_cache, tmp_path, monke
 
 
 def test_a_fresh_process_skips_the_text_model_when_its_anchors_are_on_disk(tmp_path):
-    """The claim of the cache, in real processes: the second run of the same anchors imports no sentence-transformers."""
+    """The cache's claim in real processes: the second run of the same anchors imports no sentence-transformers."""
     code = ("import sys; from core.encoders import get_encoder; e = get_encoder('minilm'); "
             "v = e.encode(['a sneaker with laces']); e.truncated('a sneaker with laces'); "
             "print('sentence_transformers' in sys.modules, repr(v[0, :4].tolist()))")
