@@ -35,3 +35,4 @@ if _TABLE:
             return bool(_data["truncated"].get(text, False))
 
     encoders._load_minilm = PrecomputedMiniLM  # get_encoder("minilm") and "auto"'s fallback load this
+    os.environ[encoders.TEXT_CACHE_ENV] = "off"  # the table is the one source: no vector from a disk cache
