@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): impo
     from .pipeline import RunRequest
 
 CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
-                "max_epochs", "projector_init", "schedule", "deletion", "margin", "dual_lr", "bn", "mix_weight",
+                "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "dual_lr", "bn",
+                "mix_weight",
                 "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
@@ -36,6 +37,9 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
                     "default), hinge, hinge_active (the hinge averaged over the images it still pushes), masked_ce, "
                     "or ce (the published ascent)",
         "dual_lr": "hinge_dual: how fast an image's share of the push grows while it resists",
+        "stop_margin": "stop once every forget image's true logit is this far below the best other class "
+                       "(default 0: once every one is misclassified; e.g. 0.1 keeps a changed precision from "
+                       "bringing one back, at the price of more steps)",
         "train_from": "first ResNet stage the run updates; the ones before keep the original weights and run once "
                       "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",

@@ -161,14 +161,22 @@ class Outcome:
 
 
 @torch.no_grad()
-def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor, step: int = 0) -> float:
+def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor, step: int = 0,
+                     stop_margin: float = 0.0) -> tuple[float, bool]:
+    """(forget accuracy in %, whether the stop rule is met: every image misclassified, and with stop_margin > 0
+    its true logit at least that far below the best other, so a change of precision does not bring it back)."""
     model.eval()
     logits = model(x_f)
     if not torch.isfinite(logits).all():  # NaN logits would otherwise count as "forgotten"
         when = f"after step {step}" if step else "before any update"
         raise UnlearnError(f"the model's outputs on the forget set are not finite {when} (weights or BatchNorm "
                            "statistics diverged); lower the learning rate and run again")
-    return float((logits.argmax(1) == y_f).float().mean() * 100)
+    acc = float((logits.argmax(1) == y_f).float().mean() * 100)
+    if acc > 0 or stop_margin <= 0:
+        return acc, acc == 0.0
+    true = logits.gather(1, y_f[:, None])[:, 0]
+    best_other = logits.scatter(1, y_f[:, None], float("-inf")).max(1).values
+    return acc, bool((true - best_other <= -stop_margin).all())
 
 
 def _update_mode(model: UnlearnedModel, config: UnlearnConfig, checked: bool) -> None:
@@ -344,10 +352,10 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             _snapshot(live, z_snap, at, cb)
             snapped = at
 
-    acc = _forget_accuracy(live, x_forget, y_forget)
+    acc, met = _forget_accuracy(live, x_forget, y_forget, stop_margin=config.stop_margin)
     snapshot(0)
     history.append({"step": 0, "epoch": 0.0, "loss": None, "terms": {}, "forget_acc": acc})
-    if acc == 0.0 and checked:
+    if met and checked:
         stop_reason = "forgotten"
     _update_mode(live, config, checked=False)
     while stop_reason != "forgotten" and step < max_steps:
@@ -382,14 +390,14 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             # The authors skip the check during the first pass (a random projector would stop the run at once).
             checked = checked or step > steps_per_epoch
             if checked:
-                acc = _forget_accuracy(live, x_forget, y_forget, step)
+                acc, met = _forget_accuracy(live, x_forget, y_forget, step, config.stop_margin)
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
                       "terms": {k: float(v.detach()) for k, v in terms.items()},
                       "forget_acc": acc if checked else None}  # None: not checked at this step
             history.append(record)
             if cb.on_step:
                 cb.on_step(record)
-            done = checked and acc == 0.0
+            done = checked and met
             if done or due(step):
                 snapshot(step)
             _update_mode(live, config, checked)

@@ -54,6 +54,8 @@ class UnlearnConfig:
     deletion: str = "hinge"           # "ce" (published ascent), "masked_ce", "hinge", "hinge_active" or "hinge_dual"
     dual_lr: float = 0.1              # hinge_dual: growth of an image's deletion weight per unit of its hinge
     margin: float = 1.0               # hinge: push the true logit this far below the best other one
+    stop_margin: float = 0.0          # stop once every forget image's true logit is this far below the best other
+                                      # (0: once every one is misclassified, the default)
     deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
                                       # or "prediction" (through the projector, where forgetting is checked)
     bn: str = "frozen"                # backbone BatchNorm during updates: "frozen" (eval) or "train"
@@ -88,8 +90,9 @@ class UnlearnConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
-        if not (math.isfinite(self.dual_lr) and self.dual_lr >= 0):
-            raise ValueError(f"dual_lr must be a number >= 0, got {self.dual_lr!r}")
+        for name in ("dual_lr", "stop_margin"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         if self.n_adv < 1 or self.pgd_iters < 0 or self.mix_batch < 1:
             raise ValueError("n_adv and mix_batch must be >= 1 and pgd_iters >= 0")
         if self.projector_init not in ("identity", "random"):

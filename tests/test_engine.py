@@ -263,6 +263,27 @@ def test_neggrad_forgets_to_zero(model, forget):
     assert not model.training
 
 
+def test_stop_margin_runs_on_until_every_image_is_that_far_past_the_boundary(model, forget):
+    _, x, y = forget
+
+    def margins(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            z = m(x)
+        return z.gather(1, y[:, None])[:, 0] - z.scatter(1, y[:, None], float("-inf")).max(1).values
+
+    plain = run_unlearning(model, x, y, 10, _config("neggrad", lr=0.002, max_epochs=200))
+    assert plain.stop_reason == "forgotten" and (margins(plain.model) < 0).all()
+    wanted = max(0.5, 2 * float(-margins(plain.model).max()))  # further than the plain rule left the closest one
+    far = run_unlearning(model, x, y, 10, _config("neggrad", lr=0.002, max_epochs=200, stop_margin=wanted))
+    assert far.stop_reason == "forgotten" and far.steps > plain.steps
+    assert (margins(far.model) <= -wanted).all()
+    # the same trajectory up to the plain stop: the margin only moves where the run ends
+    assert [h["loss"] for h in far.history[:plain.steps + 1]] == [h["loss"] for h in plain.history]
+    assert far.history[plain.steps]["forget_acc"] == 0.0
+    with pytest.raises(ValueError, match="stop_margin must be a number >= 0"):
+        _config("neggrad", stop_margin=-0.1)
+
+
 @pytest.mark.parametrize("method", ["adv", "l2ul", "structguard"])
 def test_methods_record_their_loss_terms(method, model, forget, anchors):
     _, x, y = forget

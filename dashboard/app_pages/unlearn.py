@@ -19,6 +19,9 @@ FIELDS: list[tuple[str, str, str]] = [
                                                    "docs/METHOD.md)."),
     ("max_epochs", "Max epochs", "Passes over the proxy set (the forget set for NegGrad); the run stops earlier "
                                  "as soon as forget accuracy reaches 0."),
+    ("stop_margin", "Stop margin", "Stop only once every forget image's true-class logit is this far below the best "
+                                   "other class (0 = as soon as every one is misclassified). 0.1 keeps a change of "
+                                   "precision from bringing an image back, at the price of a few more steps."),
     ("n_adv", "Adversarial variants per forget image", "Size of the proxy set that stands in for the retain data."),
     ("eps", "PGD radius ε (L2)", "How far the adversarial proxies may move from the forget images (pixel space)."),
     ("pgd_iters", "PGD iterations", "Attack steps per proxy batch; fewer is faster, weaker proxies."),
