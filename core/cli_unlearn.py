@@ -26,8 +26,7 @@ if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): impo
 
 CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
                 "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "dual_lr", "bn",
-                "mix_weight",
-                "train_from", "precision")
+                "mix_weight", "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
            "precision": PRECISIONS}
