@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.engine import load_unlearned  # noqa: E402
+from core.methods import true_and_best_other  # noqa: E402
 from core.models import trunk_dtype  # noqa: E402
 from core.pipeline import cached_dataset  # noqa: E402
 from core.train import to_device_format  # noqa: E402
@@ -42,8 +43,8 @@ def margins(run_dir: Path, data_dir: str | None = None) -> dict:
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         with torch.no_grad(), trunk_dtype(dtype):
             z = model.classify(model.features(x)).float()
-        others = z.scatter(1, y[:, None], float("-inf"))
-        out[name] = (z.gather(1, y[:, None])[:, 0] - others.max(1).values).numpy()
+        true, best_other = true_and_best_other(z, y)
+        out[name] = (true - best_other).numpy()
     return out
 
 

@@ -17,7 +17,16 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .methods import Batch, Context, Method, UnlearnConfig, get_method, mixture_pool, original_proxy_features
+from .methods import (
+    Batch,
+    Context,
+    Method,
+    UnlearnConfig,
+    get_method,
+    mixture_pool,
+    original_proxy_features,
+    true_and_best_other,
+)
 from .models import ResNet, compute_dtype, freeze_before, load_weights, model_from_card, precision_name, trunk_dtype
 from .proxy import Cancelled, make_proxy_set
 
@@ -174,8 +183,7 @@ def _forget_accuracy(model: nn.Module, x_f: torch.Tensor, y_f: torch.Tensor, ste
     acc = float((logits.argmax(1) == y_f).float().mean() * 100)
     if acc > 0 or stop_margin <= 0:
         return acc, acc == 0.0
-    true = logits.gather(1, y_f[:, None])[:, 0]
-    best_other = logits.scatter(1, y_f[:, None], float("-inf")).max(1).values
+    true, best_other = true_and_best_other(logits, y_f)
     return acc, bool((true - best_other <= -stop_margin).all())
 
 

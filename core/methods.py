@@ -287,10 +287,16 @@ def weighted_l2_penalty(model: nn.Module, reference: dict[str, torch.Tensor],
     return 0.5 * torch.stack(terms).sum()
 
 
-def hinge_per_row(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
-    """relu(margin + z_y - max_{j != y} z_j) for each row."""
+def true_and_best_other(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_y, max_{j != y} z_j) for each row: the deletion hinge, the stop rule and bench/forget_margins.py."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return true, other
+
+
+def hinge_per_row(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    """relu(margin + z_y - max_{j != y} z_j) for each row."""
+    true, other = true_and_best_other(logits, y)
     return F.relu(margin + true - other)
 
 

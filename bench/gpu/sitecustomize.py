@@ -31,7 +31,7 @@ if _TABLE:
                 raise encoders.EncoderError(f"no precomputed MiniLM vector for {missing[0][:60]!r}")
             return np.asarray([_data["vectors"][t] for t in texts], dtype=np.float32)
 
-        def truncated(self, text: str) -> bool:
+        def _truncated(self, text: str) -> bool:
             return bool(_data["truncated"].get(text, False))
 
     encoders._load_minilm = PrecomputedMiniLM  # get_encoder("minilm") and "auto"'s fallback load this
