@@ -482,7 +482,9 @@ def text_cache_root() -> Path | None:
         return None
     if raw:
         return Path(raw).expanduser()
-    return Path(os.environ.get("STRUCTGUARD_CACHE", Path.home() / ".cache" / "structguard")) / "text-embeddings"
+    from .data import CACHE_DIR  # the project's cache folder, where a Fashion-MNIST download goes too
+
+    return CACHE_DIR / "text-embeddings"
 
 
 _LIBRARIES = ("torch", "transformers", "sentence-transformers", "open_clip_torch")
