@@ -130,6 +130,7 @@ class TimerRequests:
     def __init__(self, page) -> None:
         self.server = None
         self.sent: list[tuple[str, str, bytes]] = []  # (page hash, fragment id, message) of each rerun request
+        self.last_sent = time.monotonic()  # when the page last asked for a rerun
         self.sidebar_fragments: set[str] = set()  # fragments drawn in the sidebar (on every page)
         page.route_web_socket(re.compile(r".*/_stcore/stream$"), self._route)
 
@@ -146,6 +147,7 @@ class TimerRequests:
                 if msg.WhichOneof("type") == "rerun_script":
                     r = msg.rerun_script
                     self.sent.append((r.page_script_hash, r.fragment_id if r.is_auto_rerun else "", message))
+                    self.last_sent = time.monotonic()
             self.server.send(message)
 
         def from_server(message) -> None:
@@ -162,6 +164,17 @@ class TimerRequests:
     def page_hash(self) -> str:
         """The page of the page's latest request (Streamlit's hash of it)."""
         return self.sent[-1][0]
+
+    def wait_quiet(self, page, quiet_s: float = 3.0, timeout_s: float = 60.0) -> None:
+        """Wait until the page has asked for no rerun for quiet_s (the sidebar's timer stopped: jobs.SETTLE_S).
+
+        Streamlit merges a request that arrives during a run with the next one and keeps the newer page, so a
+        late request sent while the timer still fires may be absorbed by a fresh one: no race to recover from
+        (a CI run failed that way). Sent to an idle server, it is handled alone."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() - self.last_sent < quiet_s:
+            assert time.monotonic() < end, f"the page kept asking for reruns for {timeout_s:.0f} s"
+            page.wait_for_timeout(250)  # Playwright delivers the routed messages while it waits
 
     def send_stale(self, page_hash: str) -> None:
         """Send again the last timer request of the sidebar's fragment that the page sent from page_hash.
@@ -242,9 +255,13 @@ def journey(page, browser, url: str, tmp: Path, timers: TimerRequests) -> None:
     # The finished run opens in Audit
     page.locator("h1", has_text="Audit").wait_for(timeout=900_000)  # ~1-2 min on an idle 2-core CPU
     page.get_by_text("Forget accuracy").first.wait_for(timeout=300_000)
+    idle(page, 120_000)
+    timers.wait_quiet(page)
+    idle(page, 120_000)
     # A progress timer of the Unlearn page that fired just before the switch, handled after it: Streamlit
     # then tells the browser it is on Unlearn again, and the browser empties the Audit page (a rare race,
-    # made certain here). The sidebar's timer opens the Audit page again (widgets.recover_stale_page).
+    # made certain here: the request goes alone to an idle server). The late fragment run itself opens the
+    # Audit page again (widgets.recover_stale_page).
     page.evaluate("""() => { window.auditGone = false; new MutationObserver(() => {
         if (![...document.querySelectorAll('h1')].some(h => h.innerText.includes('Audit'))) window.auditGone = true;
     }).observe(document.body, {childList: true, subtree: true}); }""")
