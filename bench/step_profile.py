@@ -42,6 +42,7 @@ def step_parts(meta: dict, repeats: int = 30) -> list[tuple[str, float]]:
     from core.engine import UnlearnedModel, entering_at
     from core.methods import UnlearnConfig, weighted_l2_penalty
     from core.models import compute_dtype, freeze_before, load_model, trunk_dtype
+    from core.sgd import SGD
 
     cfg = UnlearnConfig.from_dict(meta["config"])
     base = load_model(meta["model"]["name"]).model.eval()
@@ -58,7 +59,7 @@ def step_parts(meta: dict, repeats: int = 30) -> list[tuple[str, float]]:
     params = [p for p in live.parameters() if p.requires_grad]
     ref = {n: p.detach().clone() for n, p in live.backbone.named_parameters() if p.requires_grad}
     weights = {n: torch.rand_like(p) for n, p in ref.items()}
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    opt = SGD([(params, cfg.lr)], momentum=cfg.momentum)  # the engine's update
 
     def forward_backward() -> None:
         with trunk_dtype(dtype):

@@ -390,7 +390,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                 bad = {k: float(v.detach()) for k, v in terms.items()}
                 raise UnlearnError(f"the loss became {float(loss.detach())} at step {step + 1} (terms {bad}); "
                                    "lower the learning rate or the regulariser weight and run again")
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             step += 1

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from .models import PRECISIONS, STAGES, trunk_dtype
+from .sgd import SGD
 
 
 @dataclass
@@ -407,9 +408,9 @@ class Method:
     def prepare(self, ctx: Context) -> None:
         """Work done once before the updates (importance weights)."""
 
-    def optimizer(self, ctx: Context) -> torch.optim.Optimizer:
+    def optimizer(self, ctx: Context) -> SGD:
         c = ctx.config
-        return torch.optim.SGD(trainable(ctx.model), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return SGD([(trainable(ctx.model), c.lr)], momentum=c.momentum, weight_decay=c.weight_decay)
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -529,11 +530,10 @@ class StructGuard(Method):
                                    "scale": scale,
                                    "seconds": round(time.perf_counter() - t0, 3)}
 
-    def optimizer(self, ctx: Context) -> torch.optim.Optimizer:
+    def optimizer(self, ctx: Context) -> SGD:
         c = ctx.config
-        return torch.optim.SGD([{"params": trainable(ctx.model.backbone), "lr": c.lr},
-                                {"params": trainable(ctx.model.projector), "lr": c.projector_lr}],
-                               lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return SGD([(trainable(ctx.model.backbone), c.lr), (trainable(ctx.model.projector), c.projector_lr)],
+                   momentum=c.momentum, weight_decay=c.weight_decay)
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         m, c = ctx.model, ctx.config
