@@ -4,7 +4,8 @@ The reducer is fitted once on the original model's features of the audit sample 
 then only *transforms* the unlearned features (and every snapshot of a timeline), so
 all pictures share one coordinate system and a moving point means the model moved it,
 not that the map was redrawn. UMAP (umap-learn) is the default; PCA (scikit-learn) is
-the fast, deterministic fallback. Plain arrays in, plain arrays out.
+the fast, deterministic fallback. Plain arrays in, plain arrays out. scikit-learn is imported where it
+is used: importing it costs about 1 s, which a CLI run that draws no map need not pay.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.neighbors import NearestNeighbors
 
 __all__ = ["DriftReducer", "DriftResult", "embedding_drift", "project_snapshots", "umap_available", "warm_up"]
 
@@ -52,6 +51,7 @@ def warm_up() -> float:
     x = rng.normal(size=(120, 8)).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from sklearn.neighbors import NearestNeighbors
         from umap.umap_ import smooth_knn_dist
 
         dist, idx = NearestNeighbors(n_neighbors=10).fit(x).kneighbors(x)
@@ -106,6 +106,8 @@ class DriftReducer:
             # Exact kNN by scikit-learn (vectorised), handed to umap as precomputed_knn: below 4,096
             # points umap otherwise builds all pairwise distances through a Python-level callable
             # (~4 s of a 2,000-point fit on 2 cores). Each point is its own first neighbour, as umap expects.
+            from sklearn.neighbors import NearestNeighbors
+
             self._knn = NearestNeighbors(n_neighbors=self.n_neighbors, metric=self.metric).fit(x)
             dist, idx = self._knn.kneighbors(x)
             with warnings.catch_warnings():
@@ -116,6 +118,8 @@ class DriftReducer:
                                           precomputed_knn=(idx, dist.astype(np.float32))).fit(x)
             self.embedding_ = np.asarray(self._model.embedding_, dtype=np.float32)
         else:
+            from sklearn.decomposition import PCA
+
             self._model = PCA(n_components=2, random_state=self.random_state).fit(x)
             self.embedding_ = self._model.transform(x).astype(np.float32)
         self.method_ = method

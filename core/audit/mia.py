@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = ["MIA_DEFINITION", "MIAResult", "calibrate_threshold", "confidence_mia", "mia_before_after"]
 
@@ -55,6 +54,8 @@ def _clean(x: np.ndarray | None) -> np.ndarray:
 
 def calibrate_threshold(member_conf: np.ndarray, nonmember_conf: np.ndarray) -> tuple[float, float, float]:
     """Threshold maximising balanced accuracy of `score >= t`; returns (t, balanced accuracy, AUC)."""
+    from sklearn.metrics import roc_auc_score, roc_curve  # here: a run without a retrain reference needs none
+
     m, n = _clean(member_conf), _clean(nonmember_conf)
     if len(m) == 0 or len(n) == 0:
         raise ValueError("membership inference needs member (retain) and non-member (test) confidences")
