@@ -4,8 +4,10 @@
 #   1. the retrain references that are missing (k=8 seeds 0-2, k=32 seed 2, k=128 seeds 0-2), seven at once;
 #   2. bench/speed.py alone on the GPU (cold CLI and warm execute_run; no dashboard: no streamlit there);
 #   3. the full bench grid, one process per method or variant at once (so its seconds are shared-GPU seconds).
+# First, the tests marked cuda (CUDA_TESTS_S=0 skips them; the machine needs pytest).
 # Every phase has a deadline, so whatever finished comes back under $OUT. A later session reruns part of it:
 #   RETRAIN="" SPEED_S=0 KS=128 METHODS="adv l2ul" bash bench/gpu/run.sh   (no retrain, no speed, two bench rows)
+#   RETRAIN="" SPEED_S=0 METHODS=none bash bench/gpu/run.sh                  (the CUDA tests alone)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/logs
 LOG=$OUT/log.txt
@@ -14,6 +16,14 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" >> "$LOG"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; python3 -c "import torch, numpy; \
 print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"; } >> "$LOG" 2>&1
+
+CUDA_TESTS_S=${CUDA_TESTS_S:-120}
+if [ "$CUDA_TESTS_S" -gt 0 ]; then
+stamp "the CUDA tests (deadline ${CUDA_TESTS_S} s)"
+timeout "$CUDA_TESTS_S" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_engine.py tests/test_sgd.py \
+  > /tmp/logs/cuda-tests.out 2>&1; echo "pytest exit $?" >> "$LOG"; tail -n 15 /tmp/logs/cuda-tests.out >> "$LOG"
+stamp "CUDA tests done"
+fi
 
 RETRAIN_S=${RETRAIN_S:-240}; SPEED_S=${SPEED_S:-150}; TOTAL_S=${TOTAL_S:-530}
 RETRAIN=${RETRAIN-8:0 8:1 8:2 32:2 128:0 128:1 128:2}; KS=${KS:-8,32,128}
@@ -40,6 +50,7 @@ timeout "$SPEED_S" python3 bench/speed.py --repeats 3 --no-dashboard --out "$OUT
 stamp "speed done"
 fi
 
+[ "$METHODS" = none ] && { stamp "all done"; exit 0; }
 BENCH_S=$(( TOTAL_S - ($(date +%s) - t0) - 20 ))
 stamp "bench: $METHODS at k=$KS, one process each, at once (deadline ${BENCH_S} s)"
 for m in $METHODS; do
