@@ -55,6 +55,7 @@ class UnlearnConfig:
     deletion: str = "hinge"           # "ce" (published ascent), "masked_ce", "hinge", "hinge_active" or "hinge_dual"
     dual_lr: float = 0.1              # hinge_dual: growth of an image's deletion weight per unit of its hinge
     margin: float = 1.0               # hinge: push the true logit this far below the best other one
+    nesterov: bool = False            # Nesterov momentum in the update (damps the forget set's back and forth)
     stop_margin: float = 0.0          # stop once every forget image's true logit is this far below the best other
                                       # (0: once every one is misclassified, the default)
     deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
@@ -108,6 +109,8 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (isinstance(self.sr_quantile, (int, float)) and 0 < self.sr_quantile <= 1):
             raise ValueError(f"sr_quantile must be in (0, 1], got {self.sr_quantile!r}")
+        if self.nesterov and not self.momentum > 0:
+            raise ValueError("nesterov needs momentum > 0")
         if self.importance_after < 0 or self.sr_from < self.importance_after:
             raise ValueError("need 0 <= importance_after <= sr_from (importance is measured before SR starts)")
 
@@ -410,7 +413,8 @@ class Method:
 
     def optimizer(self, ctx: Context) -> SGD:
         c = ctx.config
-        return SGD([(trainable(ctx.model), c.lr)], momentum=c.momentum, weight_decay=c.weight_decay)
+        return SGD([(trainable(ctx.model), c.lr)], momentum=c.momentum, weight_decay=c.weight_decay,
+                   nesterov=c.nesterov)
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -533,7 +537,7 @@ class StructGuard(Method):
     def optimizer(self, ctx: Context) -> SGD:
         c = ctx.config
         return SGD([(trainable(ctx.model.backbone), c.lr), (trainable(ctx.model.projector), c.projector_lr)],
-                   momentum=c.momentum, weight_decay=c.weight_decay)
+                   momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         m, c = ctx.model, ctx.config

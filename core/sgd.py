@@ -15,16 +15,18 @@ from torch.optim.sgd import sgd
 
 
 class SGD:
-    """Plain SGD (momentum, weight decay, no dampening or Nesterov) over groups of (parameters, lr).
+    """SGD (momentum, optionally Nesterov's; weight decay; no dampening) over groups of (parameters, lr).
 
     Like torch.optim.SGD, a parameter without a gradient at a step is skipped (no decay, buffer kept)."""
 
     def __init__(self, groups: Iterable[tuple[Iterable[torch.nn.Parameter], float]], *, momentum: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
         self.groups = [(list(params), float(lr)) for params, lr in groups]
         if not any(params for params, _ in self.groups):
             raise ValueError("SGD got no parameters to update")
-        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
+        self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
         self.buffers: dict[torch.nn.Parameter, torch.Tensor | None] = {}
 
     def zero_grad(self) -> None:
@@ -40,5 +42,5 @@ class SGD:
                 continue
             bufs = [self.buffers.get(p) for p in live]
             sgd(live, [p.grad for p in live], bufs, weight_decay=self.weight_decay, momentum=self.momentum,
-                lr=lr, dampening=0.0, nesterov=False, maximize=False)
+                lr=lr, dampening=0.0, nesterov=self.nesterov, maximize=False)
             self.buffers.update(zip(live, bufs, strict=True))  # sgd() fills in each new buffer in the list
