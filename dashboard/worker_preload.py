@@ -22,6 +22,11 @@ torch.set_num_threads(1)
 from core import engine, pipeline  # noqa: E402,F401
 from core.audit import views  # noqa: E402,F401
 
+try:  # the membership attack of a run whose forget set has a retrain reference (core.audit.mia imports it lazily)
+    import sklearn.metrics  # noqa: E402,F401
+except Exception:  # noqa: BLE001 - the run reports it if it needs it
+    pass
+
 try:  # the default dataset and text encoder: a run that uses them starts warm
     from core.encoders import get_encoder
 
