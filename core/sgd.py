@@ -28,6 +28,7 @@ class SGD:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
         self.buffers: dict[torch.nn.Parameter, torch.Tensor | None] = {}
+        self.lr_scale = 1.0  # every group's lr is multiplied by it (a schedule sets it before a step)
 
     def zero_grad(self) -> None:
         for params, _ in self.groups:
@@ -42,5 +43,5 @@ class SGD:
                 continue
             bufs = [self.buffers.get(p) for p in live]
             sgd(live, [p.grad for p in live], bufs, weight_decay=self.weight_decay, momentum=self.momentum,
-                lr=lr, dampening=0.0, nesterov=self.nesterov, maximize=False)
+                lr=lr * self.lr_scale, dampening=0.0, nesterov=self.nesterov, maximize=False)
             self.buffers.update(zip(live, bufs, strict=True))  # sgd() fills in each new buffer in the list

@@ -74,3 +74,37 @@ def test_the_config_refuses_nesterov_without_momentum():
     with pytest.raises(ValueError, match="nesterov needs momentum"):
         UnlearnConfig(method="adv", momentum=0.0, nesterov=True).validate()
     UnlearnConfig(method="adv", momentum=0.9, nesterov=True).validate()
+
+
+def test_lr_scale_multiplies_every_groups_learning_rate():
+    """The warm-up sets lr_scale before a step: the same as torch.optim.SGD at the scaled rates."""
+    ours, theirs = two_layers(0), two_layers(0)
+    opt = SGD([(ours[0].parameters(), 0.05), (ours[2].parameters(), 0.01)], momentum=0.9)
+    ref = torch.optim.SGD([{"params": theirs[0].parameters(), "lr": 0.05 * 0.25},
+                           {"params": theirs[2].parameters(), "lr": 0.01 * 0.25}], lr=0.05, momentum=0.9)
+    opt.lr_scale = 0.25
+    x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for _ in range(3):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_the_schedule_warms_up_then_decays_once_per_pass():
+    from core.engine import lr_scale
+    from core.methods import UnlearnConfig
+
+    constant = UnlearnConfig(method="adv")
+    assert {lr_scale(constant, s, 5) for s in range(50)} == {1.0}
+    warm = UnlearnConfig(method="adv", warmup_steps=4)
+    assert [lr_scale(warm, s, 5) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    decay = UnlearnConfig(method="adv", lr_decay=0.5)
+    assert [lr_scale(decay, s, 2) for s in range(6)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    both = UnlearnConfig(method="adv", warmup_steps=2, lr_decay=0.5)
+    assert [lr_scale(both, s, 2) for s in range(4)] == [0.5, 1.0, 0.5, 0.5]
+    for bad in (dict(lr_decay=0.0), dict(lr_decay=1.5), dict(warmup_steps=-1)):
+        with pytest.raises(ValueError):
+            UnlearnConfig(method="adv", **bad).validate()
