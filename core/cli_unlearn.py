@@ -24,8 +24,8 @@ from .models import PRECISIONS, STAGES
 if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): imported where a run needs it
     from .pipeline import RunRequest
 
-CONFIG_FLAGS = ("lr", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size", "lam",
-                "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "dual_lr", "bn",
+CONFIG_FLAGS = ("lr", "lr_decay", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size",
+                "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "dual_lr", "bn",
                 "mix_weight", "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
@@ -36,6 +36,8 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
                     "default), hinge, hinge_active (the hinge averaged over the images it still pushes), masked_ce, "
                     "or ce (the published ascent)",
         "dual_lr": "hinge_dual: how fast an image's share of the push grows while it resists",
+        "lr_decay": "multiply the learning rate by this after every pass over the proxy set (1 = constant; "
+                    "default: tuned per forget size, 0.95 for StructGuard and L2UL at k=32)",
         "stop_margin": "stop once every forget image's true logit is this far below the best other class "
                        "(default 0: once every one is misclassified; e.g. 0.1 keeps a changed precision from "
                        "bringing one back, at the price of more steps)",

@@ -14,6 +14,9 @@ from dashboard import widgets
 # (field, label, help) for the main hyperparameters; defaults come from core.methods.default_config.
 FIELDS: list[tuple[str, str, str]] = [
     ("lr", "Learning rate (backbone)", "SGD step size for the classifier's weights."),
+    ("lr_decay", "Learning-rate decay per pass", "The learning rate is multiplied by this after every pass over "
+                                                 "the proxy set (1 = constant). It damps the back and forth of the "
+                                                 "last forget images (docs/METHOD.md, v13)."),
     ("projector_lr", "Learning rate (projector)", "StructGuard only: step size of the projector p_w. 0 keeps it the "
                                                    "identity it starts as (the default: it keeps more accuracy, "
                                                    "docs/METHOD.md)."),
@@ -43,6 +46,7 @@ FIELDS: list[tuple[str, str, str]] = [
 ]
 INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size"}
 CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS}
+RANGES = {"lr_decay": (0.01, 1.0)}  # (min, max) where 0 is not a valid value
 ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
              ("sr", "SR: importance regulariser", "Penalise changes of weights that matter for the alignment."),
              ("cr", "CR: classifier regulariser", "L1 + L2 penalty on the final linear layer.")]
@@ -110,8 +114,9 @@ with st.expander("Hyperparameters", expanded=not widgets.busy()):
                 st.number_input(label, min_value=1 if f != "pgd_iters" else 0, step=1, key=keys[f],
                                 help=f"{help_} Default {d}.")
             else:
-                st.number_input(label, min_value=0.0, format="%g", step=d / 10 if d else 0.01, key=keys[f],
-                                help=f"{help_} Default {d}.")
+                lo, hi = RANGES.get(f, (0.0, None))
+                st.number_input(label, min_value=lo, max_value=hi, format="%g", step=d / 10 if d else 0.01,
+                                key=keys[f], help=f"{help_} Default {d}.")
     c1, c2 = st.columns([1, 3])
     c1.number_input("Seed", min_value=0, step=1, key="un_seed", help="Seeds the proxy attack and batch order.")
     if c2.button("Restore defaults"):
