@@ -37,7 +37,7 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
                     "or ce (the published ascent)",
         "dual_lr": "hinge_dual: how fast an image's share of the push grows while it resists",
         "lr_decay": "multiply the learning rate by this after every pass over the proxy set (1 = constant; "
-                    "default: tuned per forget size, 0.95 for StructGuard and L2UL at k=32)",
+                    "default: tuned per forget size; at k=32 0.95 for StructGuard and L2UL, 0.98 for Adv)",
         "stop_margin": "stop once every forget image's true logit is this far below the best other class "
                        "(default 0: once every one is misclassified; e.g. 0.1 keeps a changed precision from "
                        "bringing one back, at the price of more steps)",
