@@ -21,7 +21,7 @@ from .forget_ids import read_forget_ids_file
 from .methods import METHODS, UnlearnConfig, default_config
 from .models import PRECISIONS, STAGES
 
-if TYPE_CHECKING:  # core.pipeline pulls in the audit stack (scikit-learn): imported where a run needs it
+if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported where a run needs it
     from .pipeline import RunRequest
 
 CONFIG_FLAGS = ("lr", "lr_decay", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size",
