@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.cli_bench import T95  # noqa: E402
+from core.cli_bench import t95  # noqa: E402
 
 
 def parse_filter(text: str) -> dict[str, str]:
@@ -63,7 +63,7 @@ def paired(a: dict, b: dict) -> dict:
         raise ValueError(f"the two settings share {len(seeds)} forget set(s); pairing needs at least 2")
     diffs = [b["by_seed"][s]["A_r"] - a["by_seed"][s]["A_r"] for s in seeds]
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    half = T95.get(len(diffs), 1.96) * sd / len(diffs) ** 0.5
+    half = t95(len(diffs)) * sd / len(diffs) ** 0.5
     return {"seeds": seeds, "diffs": diffs, "mean": mean, "low": mean - half, "high": mean + half,
             "b_better": sum(d > 0 for d in diffs),
             "A_f": {"a": [a["by_seed"][s]["A_f"] for s in seeds], "b": [b["by_seed"][s]["A_f"] for s in seeds]}}

@@ -29,6 +29,18 @@ from .sweep import Outcome, SweepError, add_backend_args, backend_from_args, run
 VARIANTS: dict[str, dict] = {"": {}, "paper": {"schedule": "paper"}, "no-sa": {"sa": False},
                              "no-sr": {"sr": False}, "no-cr": {"cr": False}, "no-mix": {"mix_weight": 0.0}}
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def t95(n: int) -> float:
+    """The two-sided 95 % Student t quantile for a mean of n values (n - 1 degrees of freedom). The table up to
+    n = 10; beyond it the Cornish-Fisher expansion around 1.96, within 0.003 of the exact value (a normal 1.96
+    would make the interval 8 % too narrow at 16 sets)."""
+    if n < 2:
+        raise ValueError(f"an interval needs at least 2 values, got {n}")
+    if n in T95:
+        return T95[n]
+    z, df = 1.959964, n - 1
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 # The request fields that make two runs of the same (method, k, seed) different experiments.
 CELL_FIELDS = ("model", "dataset", "data_dir", "encoder", "clip_checkpoint", "anchors", "retain_eval", "eval_precision",
                "no_sa", "no_sr", "no_cr") + CONFIG_FLAGS
@@ -77,7 +89,7 @@ def _fmt(values: list[float], ci: bool = False, digits: int = 2) -> str:
     mean, sd = statistics.mean(vals), statistics.stdev(vals)
     text = f"{mean:.{digits}f} ± {sd:.{digits}f}"
     if ci:
-        half = T95.get(len(vals), 1.96) * sd / len(vals) ** 0.5
+        half = t95(len(vals)) * sd / len(vals) ** 0.5
         text += f" [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
     return text
 

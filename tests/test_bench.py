@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from core.cli_bench import VARIANTS, _fmt, _variant, bench_table
+from core.cli_bench import VARIANTS, _fmt, _variant, bench_table, t95
 from core.engine import UnlearnError
 
 
@@ -32,6 +32,15 @@ def test_fmt_mean_std_and_interval():
     # t(0.975, 2) = 4.303: half-width 4.303 * 1 / sqrt(3) = 2.484
     assert _fmt([1.0, 2.0, 3.0], ci=True) == "2.00 ± 1.00 [-0.48, 4.48]"
     assert _fmt([5.0]) == "5.00" and _fmt([]) == "n/a" and _fmt([None, float("nan")]) == "n/a"
+
+
+def test_t95_is_students_quantile_beyond_the_table():
+    # scipy.stats.t.ppf(0.975, n - 1): the intervals over 12 and 16 held-out sets must not fall back to 1.96
+    exact = {3: 4.3027, 10: 2.2622, 11: 2.2281, 12: 2.2010, 16: 2.1314, 31: 2.0423, 1000: 1.9623}
+    for n, t in exact.items():
+        assert t95(n) == pytest.approx(t, abs=0.003), n
+    with pytest.raises(ValueError, match="at least 2"):
+        t95(1)
 
 
 def test_variants_parse_and_refuse_unknown():
