@@ -22,8 +22,9 @@ torch.set_num_threads(1)
 from core import engine, pipeline  # noqa: E402,F401
 from core.audit import views  # noqa: E402,F401
 
-try:  # the membership attack of a run whose forget set has a retrain reference (core.audit.mia imports it lazily)
-    import sklearn.metrics  # noqa: E402,F401
+try:  # the drift map every dashboard run fits for the Audit page (core.audit.drift imports these lazily)
+    import sklearn.decomposition  # noqa: E402,F401
+    import sklearn.neighbors  # noqa: E402,F401
 except Exception:  # noqa: BLE001 - the run reports it if it needs it
     pass
 

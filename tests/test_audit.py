@@ -19,7 +19,7 @@ from core.audit import (
     row_cosine_summary,
     sample_affinity,
 )
-from core.audit.mia import MIA_DEFINITION
+from core.audit.mia import MIA_DEFINITION, roc
 
 PER_CLASS = 25
 
@@ -193,6 +193,29 @@ def test_mia_threshold_separates_separable_scores():
     assert 0.3 < t <= 0.9 and acc == 1.0 and auc == 1.0
     with pytest.raises(ValueError):
         calibrate_threshold(np.array([]), np.array([0.5]))
+
+
+def test_roc_and_calibration_match_scikit_learn():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        # rounded scores: many ties, within and across the two groups, as softmax confidences of 1.0 give
+        m = np.round(rng.beta(5, 1 + trial % 3, 300), 2)
+        n = np.round(rng.beta(3, 2, 200 + 10 * trial), 2)
+        y, s = np.r_[np.ones(len(m)), np.zeros(len(n))], np.r_[m, n]
+        fpr, tpr, thr = roc(y, s)
+        ref_fpr, ref_tpr, ref_thr = roc_curve(y, s, drop_intermediate=False)
+        np.testing.assert_array_equal(thr, ref_thr)
+        np.testing.assert_allclose(fpr, ref_fpr, atol=1e-15)
+        np.testing.assert_allclose(tpr, ref_tpr, atol=1e-15)
+        t, acc, auc = calibrate_threshold(m, n)
+        j = np.argmax(ref_tpr - ref_fpr)
+        assert t == ref_thr[j] and acc == pytest.approx((ref_tpr[j] + 1 - ref_fpr[j]) / 2, abs=1e-12)
+        assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    # every score the same: no threshold separates anything, the area is one half
+    t, acc, auc = calibrate_threshold(np.full(4, 0.5), np.full(3, 0.5))
+    assert acc == 0.5 and auc == 0.5 and t > 0.5
 
 
 def test_mia_before_after_from_audit_arrays(real):

@@ -56,12 +56,15 @@ def test_no_parameters_and_nesterov_without_momentum_are_refused():
 
 def test_a_cli_run_imports_neither_the_compiler_nor_scikit_learn_until_it_needs_them():
     """torch.optim's Optimizer imports torch._dynamo (about 1 s) and the audit module imported scikit-learn
-    (about 1 s) at every cold start; a run without a retrain reference needs neither."""
-    code = ("import sys, torch\n"
+    (about 1 s) at every cold start; a CLI run needs neither, not even the membership attack of a run with a
+    retrain reference (its ROC is core.audit.mia.roc)."""
+    code = ("import sys, torch, numpy as np\n"
             "import core.cli, core.pipeline, core.audit\n"
+            "from core.audit.mia import confidence_mia\n"
             "from core.sgd import SGD\n"
             "m = torch.nn.Linear(3, 2); opt = SGD([(m.parameters(), 0.1)], momentum=0.9)\n"
             "m(torch.ones(1, 3)).sum().backward(); opt.step()\n"
+            "confidence_mia(np.array([0.9, 0.8]), np.array([0.1, 0.2]), np.array([0.5]))\n"
             "print(sorted(n for n in ('torch._dynamo', 'sklearn') if n in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True,
                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
