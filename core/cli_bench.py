@@ -28,7 +28,7 @@ from .sweep import Outcome, SweepError, add_backend_args, backend_from_args, run
 # Bench variants: "method" or "method:variant"; each variant is a set of config overrides.
 VARIANTS: dict[str, dict] = {"": {}, "paper": {"schedule": "paper"}, "no-sa": {"sa": False},
                              "no-sr": {"sr": False}, "no-cr": {"cr": False}, "no-mix": {"mix_weight": 0.0}}
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
 def t95(n: int) -> float:
@@ -37,10 +37,12 @@ def t95(n: int) -> float:
     would make the interval 8 % too narrow at 16 sets)."""
     if n < 2:
         raise ValueError(f"an interval needs at least 2 values, got {n}")
-    if n in T95:
-        return T95[n]
+    if n in _T95:
+        return _T95[n]
     z, df = 1.959964, n - 1
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
 # The request fields that make two runs of the same (method, k, seed) different experiments.
 CELL_FIELDS = ("model", "dataset", "data_dir", "encoder", "clip_checkpoint", "anchors", "retain_eval", "eval_precision",
                "no_sa", "no_sr", "no_cr") + CONFIG_FLAGS

@@ -80,7 +80,7 @@ def test_the_config_refuses_nesterov_without_momentum():
 
 
 def test_lr_scale_multiplies_every_groups_learning_rate():
-    """The warm-up sets lr_scale before a step: the same as torch.optim.SGD at the scaled rates."""
+    """The schedule sets lr_scale before a step: the same as torch.optim.SGD at the scaled rates."""
     ours, theirs = two_layers(0), two_layers(0)
     opt = SGD([(ours[0].parameters(), 0.05), (ours[2].parameters(), 0.01)], momentum=0.9)
     ref = torch.optim.SGD([{"params": theirs[0].parameters(), "lr": 0.05 * 0.25},
