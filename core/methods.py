@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from .models import PRECISIONS, STAGES, trunk_dtype
-from .sgd import SGD, Adam
+from .sgd import SGD
 
 
 @dataclass
@@ -56,7 +56,6 @@ class UnlearnConfig:
     dual_lr: float = 0.1              # hinge_dual: growth of an image's deletion weight per unit of its hinge
     margin: float = 1.0               # hinge: push the true logit this far below the best other one
     nesterov: bool = False            # Nesterov momentum in the update (damps the forget set's back and forth)
-    optimizer: str = "sgd"            # "sgd" (momentum as above) or "adam" (betas 0.9, 0.999; momentum unused)
     warmup_steps: int = 0             # learning rate rises linearly over the first this many update steps (0: none)
     lr_decay: float = 1.0             # then is multiplied by this once per pass (1: constant)
     stop_margin: float = 0.0          # stop once every forget image's true logit is this far below the best other
@@ -104,7 +103,7 @@ class UnlearnConfig:
             raise ValueError("projector_init must be 'identity' or 'random'")
         choices = {"schedule": ("ours", "paper"),
                    "deletion": ("ce", "masked_ce", "hinge", "hinge_active", "hinge_dual"),
-                   "bn": ("frozen", "train"), "optimizer": ("sgd", "adam"),
+                   "bn": ("frozen", "train"),
                    "deletion_path": ("backbone", "prediction"), "importance": ("per_sample", "batch"),
                    "proxy_labels": ("target", "original"), "train_from": STAGES, "precision": PRECISIONS}
         for name, allowed in choices.items():
@@ -210,7 +209,7 @@ DEFAULTS: dict[str, dict[str, dict]] = {
 # after the first check (engine._update_mode). eps stays the dataset's: the authors say to retune it.
 PAPER_COMMON = dict(schedule="paper", deletion="ce", bn="train", mix_weight=0.0, pgd_step=0.1, pgd_iters=100,
                     pgd_early_exit=False, max_epochs=100, proxy_labels="target", train_from="stem", precision="fp32",
-                    lr_decay=1.0, warmup_steps=0, nesterov=False, optimizer="sgd")  # their learning rates stay constant
+                    lr_decay=1.0, warmup_steps=0, nesterov=False)  # their learning rates stay constant
 PAPER_SCHEDULE: dict[str, dict] = {
     "neggrad": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),
     "adv": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),
@@ -418,13 +417,6 @@ def affinity(features: torch.Tensor, R: torch.Tensor, anchors: torch.Tensor) -> 
 # ------------------------------------------------------------------- recipes
 
 
-def make_optimizer(config: UnlearnConfig, groups: list[tuple[list[nn.Parameter], float]]) -> SGD | Adam:
-    """The update rule a config names, over (parameters, lr) groups."""
-    if config.optimizer == "adam":
-        return Adam(groups, weight_decay=config.weight_decay)
-    return SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
-
-
 class Method:
     name = "base"
     needs_proxy = False
@@ -434,8 +426,10 @@ class Method:
     def prepare(self, ctx: Context) -> None:
         """Work done once before the updates (importance weights)."""
 
-    def optimizer(self, ctx: Context) -> SGD | Adam:
-        return make_optimizer(ctx.config, [(trainable(ctx.model), ctx.config.lr)])
+    def optimizer(self, ctx: Context) -> SGD:
+        c = ctx.config
+        return SGD([(trainable(ctx.model), c.lr)], momentum=c.momentum, weight_decay=c.weight_decay,
+                   nesterov=c.nesterov)
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -555,10 +549,10 @@ class StructGuard(Method):
                                    "scale": scale,
                                    "seconds": round(time.perf_counter() - t0, 3)}
 
-    def optimizer(self, ctx: Context) -> SGD | Adam:
+    def optimizer(self, ctx: Context) -> SGD:
         c = ctx.config
-        return make_optimizer(c, [(trainable(ctx.model.backbone), c.lr), (trainable(ctx.model.projector),
-                                                                          c.projector_lr)])
+        return SGD([(trainable(ctx.model.backbone), c.lr), (trainable(ctx.model.projector), c.projector_lr)],
+                   momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         m, c = ctx.model, ctx.config
