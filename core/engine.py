@@ -364,7 +364,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     def snapshot(at: int) -> None:
         nonlocal snapped
         if z_snap is not None and cb.on_snapshot and snapped != at:
-            _snapshot(live, z_snap, at, cb)
+            with trunk_dtype(ctx.state["trunk_dtype"]):  # frames of a picture, stored in float16: the steps' dtype
+                _snapshot(live, z_snap, at, cb)
             snapped = at
 
     acc, met = _forget_accuracy(live, x_forget, y_forget, stop_margin=config.stop_margin)

@@ -108,10 +108,10 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(conv_bn(self.conv1, self.bn1, x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # ReLU in place: no backward needs what it overwrites
+        out = F.relu_(conv_bn(self.conv1, self.bn1, x))
         out = conv_bn(self.conv2, self.bn2, out)
-        return F.relu(out + _shortcut(self, x))
+        return F.relu_(out + _shortcut(self, x))
 
 
 class Bottleneck(nn.Module):
@@ -131,10 +131,10 @@ class Bottleneck(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(conv_bn(self.conv1, self.bn1, x))
-        out = F.relu(conv_bn(self.conv2, self.bn2, out))
+        out = F.relu_(conv_bn(self.conv1, self.bn1, x))
+        out = F.relu_(conv_bn(self.conv2, self.bn2, out))
         out = conv_bn(self.conv3, self.bn3, out)
-        return F.relu(out + _shortcut(self, x))
+        return F.relu_(out + _shortcut(self, x))
 
 
 class ResNet(nn.Module):
@@ -174,7 +174,7 @@ class ResNet(nn.Module):
     entry = "stem"
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(conv_bn(self.conv1, self.bn1, (x - self.mean) / self.std))
+        return F.relu_(conv_bn(self.conv1, self.bn1, (x - self.mean) / self.std))
 
     def encode(self, x: torch.Tensor, entry: str) -> torch.Tensor:
         """The input of stage `entry` for images x: the stages before it run (pooled features for "head")."""
