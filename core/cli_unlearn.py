@@ -26,10 +26,10 @@ if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported whe
 
 CONFIG_FLAGS = ("lr", "lr_decay", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size",
                 "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "dual_lr", "bn",
-                "mix_weight", "train_from", "precision")
+                "mix_weight", "mix_pairs", "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
-           "precision": PRECISIONS}
+           "precision": PRECISIONS, "mix_pairs": ("any", "distinct", "cross")}
 HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the authors' loop: CE ascent, "
                     "train-mode BN, random projector, their budgets and learning rates)",
         "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist; "
@@ -48,7 +48,9 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
                      "CPU or GPU has it natively, else float32; the default of our engine), fp32 or bf16 "
                      "(measurements: --eval-precision)",
         "mix_weight": "weight of the retention term on mixtures of forget images (Adv, L2UL, StructGuard; "
-                      "0 = off; default: tuned per forget size, docs/METHOD.md)"}
+                      "0 = off; default: tuned per forget size, docs/METHOD.md)",
+        "mix_pairs": "which two forget images a mixture joins: any, distinct (never an image with itself) or "
+                     "cross (two classes); default: tuned per forget size (distinct for the proxy methods at k=32)"}
 
 
 def random_forget_ids(dataset: str, data_dir: str | None, k: int, seed: int) -> list[int]:

@@ -301,7 +301,7 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     z_forget = _encode(original, x_forget, entry, cb)
     ctx.state["x_forget"] = z_forget
     if config.mix_weight > 0 and recipe.needs_proxy:
-        ctx.state["mix_pool"] = _encode(original, mixture_pool(x_forget, config), entry, cb)
+        ctx.state["mix_pool"] = _encode(original, mixture_pool(x_forget, config, y_forget), entry, cb)
     z_snap = None
     if cb.on_snapshot and cb.snapshot_inputs is not None:
         z_snap = _encode(original, cb.snapshot_inputs.to(device), entry, cb)

@@ -35,6 +35,10 @@ FIELDS: list[tuple[str, str, str]] = [
     ("mix_weight", "Mixture retention weight", "Adv, L2UL, StructGuard: keep the original model's answers on blends "
                                                "of two forget images (0 = off). It holds off the collapse to one "
                                                "class on large forget sets; forgetting takes more passes."),
+    ("mix_pairs", "Mixture pairs", "Which two forget images a mixture joins. any: two drawn independently (an image "
+                                   "can meet itself, which asks the model to keep that forget image's answers); "
+                                   "distinct: never an image with itself (faster to forget); cross: two images of "
+                                   "different classes (faster still, keeps less; docs/METHOD.md, v15)."),
     ("dual_lr", "Deletion focus rate", "How fast the deletion push moves to the forget images that keep being "
                                        "recognised (0 = the plain hinge: every image gets the same share)."),
     ("train_from", "First updated stage", "The run changes this ResNet stage and the later ones; the earlier "
@@ -44,8 +48,9 @@ FIELDS: list[tuple[str, str, str]] = [
                                 "where this CPU or GPU has it natively (2-3x faster), else float32. Accuracies, "
                                 "the stop rule and the audit are always measured in float32."),
 ]
+PROXY_FIELDS = ("n_adv", "eps", "pgd_iters", "pgd_step", "mix_weight", "mix_pairs")  # methods with proxies only
 INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size"}
-CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS}
+CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS, "mix_pairs": ("any", "distinct", "cross")}
 RANGES = {"lr_decay": (0.01, 1.0)}  # (min, max) where 0 is not a valid value
 ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
              ("sr", "SR: importance regulariser", "Penalise changes of weights that matter for the alignment."),
@@ -100,7 +105,7 @@ if method == "structguard":
         col.toggle(label, key=f"un_{k}", help=help_)
 
 shown = [f for f in FIELDS if not (f[0] == "projector_lr" and not METHODS[method].uses_projector)
-         and not (f[0] in ("n_adv", "eps", "pgd_iters", "pgd_step", "mix_weight") and not METHODS[method].needs_proxy)
+         and not (f[0] in PROXY_FIELDS and not METHODS[method].needs_proxy)
          and not (f[0] == "lam" and method not in ("l2ul", "structguard"))
          and not (f[0] == "dual_lr" and defaults.deletion != "hinge_dual")]
 with st.expander("Hyperparameters", expanded=not widgets.busy()):
