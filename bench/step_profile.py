@@ -43,9 +43,10 @@ def step_parts(meta: dict, repeats: int = 30) -> list[tuple[str, float]]:
     from core.methods import UnlearnConfig, weighted_l2_penalty
     from core.models import compute_dtype, freeze_before, load_model, trunk_dtype
     from core.sgd import SGD
+    from core.train import prepare_model
 
     cfg = UnlearnConfig.from_dict(meta["config"])
-    base = load_model(meta["model"]["name"]).model.eval()
+    base = prepare_model(load_model(meta["model"]["name"]).model.eval(), torch.device("cpu"))  # channels_last, as runs
     k = len(meta["forget_ids"])
     rows = min(cfg.batch_size, k) + cfg.batch_size + (cfg.mix_batch if cfg.mix_weight > 0 else 0)
     shape = tuple(meta["model"]["card"]["input_shape"])
