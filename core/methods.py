@@ -176,9 +176,10 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # At k=32 the proxy methods never mix a forget image with itself (mix_pairs "distinct"; 1 in 32 mixtures was a forget
 # image itself, asking to keep its answers) and weigh the mixtures 4 instead of 3 (docs/METHOD.md v15). Held-out A_r
 # against the old rule: StructGuard -0.02 [-0.58, +0.53] on seeds 100-115 and -0.16 [-0.63, +0.32] on fresh 116-131,
-# L2UL -0.11 [-0.54, +0.31], Adv +0.19 [-0.20, +0.58] (100-115), in 0.83-0.90x the steps, the longest runs 150-180
-# steps instead of 210-240. "distinct" alone kept -0.51 (StructGuard, k=32) and -1.11 (k=8, where 1 in 8 mixtures
+# L2UL -0.11 [-0.54, +0.31], Adv +0.19 [-0.20, +0.58] (100-115), in 0.83-0.90x the steps, the longest runs 137-182
+# steps instead of 211-238. "distinct" alone kept -0.51 (StructGuard, k=32) and -1.11 (k=8, where 1 in 8 mixtures
 # was an image itself); "cross" (two classes) -2.08 in 0.68x the steps; Adv with mix 4 alone left a set unforgotten.
+# At k=8 a weight of 1.5 or 2 did not buy the self-mixtures back (-0.80, -0.88): k=8 and k=128 keep independent draws.
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 MIX32 = dict(mix_weight=4.0, mix_pairs="distinct")
 BF16 = dict(precision="auto")
