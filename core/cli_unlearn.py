@@ -18,7 +18,7 @@ from .cli import _data_args, _device_arg, check_model, command
 from .encoders import ENCODER_NAMES, EncoderError
 from .engine import Callbacks, UnlearnError
 from .forget_ids import read_forget_ids_file
-from .methods import METHODS, UnlearnConfig, default_config
+from .methods import METHODS, MIX_PAIRS, UnlearnConfig, default_config
 from .models import PRECISIONS, STAGES
 
 if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported where a run needs it
@@ -29,7 +29,7 @@ CONFIG_FLAGS = ("lr", "lr_decay", "projector_lr", "momentum", "eps", "pgd_step",
                 "mix_weight", "mix_pairs", "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
-           "precision": PRECISIONS, "mix_pairs": ("any", "distinct", "cross")}
+           "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
 HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the authors' loop: CE ascent, "
                     "train-mode BN, random projector, their budgets and learning rates)",
         "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist; "

@@ -22,6 +22,8 @@ from torch.func import functional_call, grad, vmap
 from .models import PRECISIONS, STAGES, trunk_dtype
 from .sgd import SGD
 
+MIX_PAIRS = ("any", "distinct", "cross")  # UnlearnConfig.mix_pairs (mixture_pool)
+
 
 @dataclass
 class UnlearnConfig:
@@ -106,7 +108,7 @@ class UnlearnConfig:
         choices = {"schedule": ("ours", "paper"),
                    "deletion": ("ce", "masked_ce", "hinge", "hinge_active", "hinge_dual"),
                    "bn": ("frozen", "train"),
-                   "mix_pairs": ("any", "distinct", "cross"),
+                   "mix_pairs": MIX_PAIRS,
                    "deletion_path": ("backbone", "prediction"), "importance": ("per_sample", "batch"),
                    "proxy_labels": ("target", "original"), "train_from": STAGES, "precision": PRECISIONS}
         for name, allowed in choices.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.methods import METHODS, default_config, tuned_k
+from core.methods import METHODS, MIX_PAIRS, default_config, tuned_k
 from core.models import PRECISIONS, STAGES
 from core.runs import runs_root
 from dashboard import resources as R
@@ -50,7 +50,7 @@ FIELDS: list[tuple[str, str, str]] = [
 ]
 PROXY_FIELDS = ("n_adv", "eps", "pgd_iters", "pgd_step", "mix_weight", "mix_pairs")  # methods with proxies only
 INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size"}
-CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS, "mix_pairs": ("any", "distinct", "cross")}
+CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
 RANGES = {"lr_decay": (0.01, 1.0)}  # (min, max) where 0 is not a valid value
 ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
              ("sr", "SR: importance regulariser", "Penalise changes of weights that matter for the alignment."),
