@@ -366,6 +366,7 @@ def forget_term(ctx: Context, b: Batch, logits: torch.Tensor) -> torch.Tensor:
     The plain hinge gives every image 1/batch of the push however long it has resisted.
     """
     c = ctx.config
+    ctx.state["forget_logits"] = (b.f_idx, logits.detach())  # the loop's deferred stop check reads them
     if c.deletion != "hinge_dual":
         return deletion_loss(logits, b.y_f, c)
     dual = ctx.state.setdefault("dual", torch.ones(len(ctx.state["x_forget"]), device=logits.device))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from conftest import write_fashion_idx
 
-from core import runs
+from core import engine, runs
 from core.anchors import AnchorError, build_anchor_set, load_anchor_texts
 from core.audit.affinity import row_cosine, sample_affinity
 from core.cli_unlearn import random_forget_ids
@@ -517,6 +517,38 @@ def test_sr_quantile_divides_by_that_quantile_and_clips_at_one(q, model, forget,
     assert float(flat.mean()) > 5 * float((raw / info["max"]).mean())  # the bulk lifted: SR reaches more weights
     with pytest.raises(ValueError, match="sr_quantile"):
         UnlearnConfig(sr_quantile=0.0).validate()
+
+
+@pytest.mark.parametrize(("method", "lr"), [("neggrad", None), ("structguard", 0.003)])
+def test_deferred_forget_check_stops_at_the_same_step_with_the_same_weights(model, forget, anchors, monkeypatch,
+                                                                          method, lr):
+    """The float32 forget check skipped while the next step's forward still sees an image recognised: the run takes
+    the same steps to the same weights as with a check after every step, and skips most of those checks."""
+    _, x, y = forget
+    cfg = default_config(method, "fashion-mnist", len(x), n_adv=4, pgd_iters=5, lr=lr, seed=1)
+    checks = []
+    real_check = engine._forget_accuracy
+
+    def counted(*args, **kwargs):
+        checks.append(1)
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forget_accuracy", counted)
+    runs = {}
+    for slack in (None, engine.DEFER_SLACK):
+        monkeypatch.setattr(engine, "DEFER_SLACK", slack)
+        checks.clear()
+        runs[slack] = (run_unlearning(model, x, y, 10, cfg, anchors.matrix), len(checks))
+    (eager, n_eager), (deferred, n_deferred) = runs[None], runs[engine.DEFER_SLACK]
+    assert eager.stop_reason == deferred.stop_reason == "forgotten" and eager.steps == deferred.steps >= 3
+    assert [h["loss"] for h in eager.history] == [h["loss"] for h in deferred.history]
+    assert eager.history[-1]["forget_acc"] == deferred.history[-1]["forget_acc"] == 0.0
+    for (name, a), b in zip(eager.model.state_dict().items(), deferred.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert n_eager == eager.steps + 1 and n_deferred < n_eager / 2, (n_eager, n_deferred)
+    # a skipped check records what the step's forward measured, in the steps' dtype: at most one image apart
+    pairs = [(a["forget_acc"], b["forget_acc"]) for a, b in zip(eager.history, deferred.history, strict=True)]
+    assert all(abs(a - b) <= 100 / len(x) for a, b in pairs), pairs
 
 
 # --------------------------------------------------------- cancel and NaN guard
