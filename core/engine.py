@@ -334,6 +334,15 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     ctx.state["x_forget"] = z_forget
     if config.mix_weight > 0 and recipe.needs_proxy:
         ctx.state["mix_pool"] = _encode(original, mixture_pool(x_forget, config, y_forget), entry, cb)
+    # The steps' rows, stored in the steps' dtype where the stage they enter casts them to it anyway (its first
+    # convolutions): bit-identical outputs without casting every step's rows twice (about 5 % of a k=32 step).
+    # The float32 originals stay for the float32 uses: the forget check, the original's answers, importance.
+    if dtype is not None and isinstance(base_resnet(live), ResNet) and base_resnet(live).enters_by_convolution(entry):
+        ctx.state["steps_forget"] = z_forget.to(dtype)
+        if recipe.needs_proxy:
+            ctx.state["steps_proxy"] = ctx.x_adv.to(dtype)
+        if "mix_pool" in ctx.state:
+            ctx.state["steps_mix"] = ctx.state["mix_pool"].to(dtype)
     z_snap = None
     if cb.on_snapshot and cb.snapshot_inputs is not None:
         z_snap = _encode(original, cb.snapshot_inputs.to(device), entry, cb)
@@ -390,6 +399,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     f_order = torch.randperm(len(x_forget), generator=gen)
     f_pos = 0
     checked = config.check_first_pass
+    rows_forget = ctx.state.get("steps_forget", x_forget)  # the steps' copies where there are (run_unlearning)
+    rows_proxy = ctx.state.get("steps_proxy", ctx.x_adv)
     due = cb.snapshot_due or (lambda s: True)
     snapped = -1
 
@@ -430,9 +441,9 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                     f_order, f_pos = torch.randperm(len(x_forget), generator=gen), 0
                 f_rows = f_order[f_pos:f_pos + take].to(device)
                 f_pos += take
-                batch = Batch(x_forget[f_rows], y_forget[f_rows], ctx.x_adv[rows], ctx.y_adv[rows], rows, f_rows)
+                batch = Batch(rows_forget[f_rows], y_forget[f_rows], rows_proxy[rows], ctx.y_adv[rows], rows, f_rows)
             else:
-                batch = Batch(x_forget[rows], y_forget[rows], f_idx=rows)
+                batch = Batch(rows_forget[rows], y_forget[rows], f_idx=rows)
             ctx.step = step
             with trunk_dtype(ctx.state["trunk_dtype"]):
                 terms = recipe.losses(ctx, batch)

@@ -635,7 +635,7 @@ def mixture_batch(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
                                                  for i in range(0, len(pool), 512)])
     g = torch.Generator().manual_seed(c.seed * 100_003 + ctx.step)
     rows = torch.randint(len(pool), (c.mix_batch,), generator=g).to(pool.device)
-    return pool[rows], ctx.state["mix_target"][rows]
+    return ctx.state.get("steps_mix", pool)[rows], ctx.state["mix_target"][rows]  # the steps' copy where there is one
 
 
 def mixture_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

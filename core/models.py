@@ -186,6 +186,14 @@ class ResNet(nn.Module):
             x = layer(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) if entry == "head" else x
 
+    def enters_by_convolution(self, entry: str) -> bool:
+        """Whether every use of an input entering at `entry` is a convolution (the stage's first block, with a conv
+        shortcut): under autocast such inputs may be stored in its dtype already, with bit-identical outputs."""
+        if entry not in STAGES[1:5]:  # the stem normalises in float32; the head is a float32 linear layer
+            return False
+        first = getattr(self, entry)[0]
+        return len(first.shortcut) > 0
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last conv stage (Grad-CAM target), for inputs entering at `self.entry`; float32 (float64 for
         a model run in double, as numerical checks do), computed in the dtype `trunk_dtype` sets."""

@@ -174,6 +174,32 @@ def test_inputs_entering_at_a_stage_give_the_same_outputs(tiny_model, stage: str
     torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("arch", "by_conv"), [("resnet18_narrow", ["layer2", "layer3", "layer4"]),
+                                             ("resnet50", ["layer1", "layer2", "layer3", "layer4"])])
+def test_inputs_stored_in_bfloat16_where_convolutions_take_them_give_the_same_outputs_and_gradients(
+        arch: str, by_conv: list[str]) -> None:
+    """enters_by_convolution: the stages whose inputs only reach convolutions, which autocast casts to bfloat16
+    anyway; there a bfloat16 copy of the input gives bit-identical outputs and weight gradients (the update steps
+    keep such copies, core.engine.run_unlearning). Elsewhere it would not, and the stage says so."""
+    torch.manual_seed(0)
+    model = create_model(arch, 10, 1).eval()
+    x = torch.rand(6, 1, 28, 28)
+    assert [s for s in STAGES if model.enters_by_convolution(s)] == by_conv  # resnet18's layer1 adds its input
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        with torch.no_grad():
+            z = model.encode(x, stage)
+        outs = []
+        with entering_at(stage, model), trunk_dtype(torch.bfloat16):
+            for inp in (z, z.to(torch.bfloat16)):
+                model.zero_grad(set_to_none=True)
+                logits = model(inp)
+                logits.square().sum().backward()
+                outs.append((logits.detach(), model.linear.weight.grad.clone(),
+                             model.layer4[-1].conv1.weight.grad.clone()))
+        same = all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+        assert same == model.enters_by_convolution(stage), stage
+
+
 def test_freeze_before_stops_gradients_at_the_stage() -> None:
     m = create_model("resnet18_narrow", 10, 1)
     freeze_before(m, "layer4")
