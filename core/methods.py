@@ -140,7 +140,8 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # Per forget size (chosen on held-out training data, bench/tune.py); the nearest k on a log scale applies.
 # bench/results/v2/ and v3/tune-*.md: forget seeds 100 and up, A_r on 2,000 held-out training images.
 # One pass budget per k for every method (a pass over 8 x 20 proxies is 2 steps, over 128 x 20 is 20).
-# k=128: 40 passes (25 until v12); with 15, StructGuard left one image recognised on held-out seeds 101-102 (327 steps).
+# k=128: 60 passes (25 until v12, 40 until v16); with 15, StructGuard left one image recognised on held-out seeds
+# 101-102 (327 steps); with 40, seed 113 (v16, 3.9 % recognised after 800 steps; forgotten at step 802 with 60).
 # Engine v4 at k=32 (docs/METHOD.md; held-out seeds 100-103, bench/results/v5/tune-*.md): the deletion push moves to
 # the images that resist (hinge_dual) and the stem and layer1 keep the original weights (they run once per input).
 # StructGuard lr 0.002 kept 90.25 % A_r in 154 steps against 89.54 % in 198 with the v3 loop on the same sets;
@@ -188,7 +189,7 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 MIX32 = dict(mix_weight=4.0, mix_pairs="distinct")
 BF16 = dict(precision="auto")
-_K8, _K32, _K128 = dict(lr=0.0006, max_epochs=60), dict(V4, lr=0.001, max_epochs=80), dict(lr=0.001, max_epochs=40)
+_K8, _K32, _K128 = dict(lr=0.0006, max_epochs=60), dict(V4, lr=0.001, max_epochs=80), dict(lr=0.001, max_epochs=60)
 # The retention term on mixtures of forget images (mix_weight) keeps the original's answers between the forget
 # images and holds off the collapse to one class; a larger weight keeps more but forgets more slowly
 # (explore-k128-mix.md, tune-mix-*.md: w = 3 did not forget at k=8 within 60 passes, w = 1 did).
