@@ -551,6 +551,21 @@ def test_deferred_forget_check_stops_at_the_same_step_with_the_same_weights(mode
     assert all(abs(a - b) <= 100 / len(x) for a, b in pairs), pairs
 
 
+def test_the_forget_check_is_deferred_only_where_the_next_forward_sees_what_it_would(model):
+    """Every forget image in every batch, frozen BatchNorm, L_del through the prediction path; else every step."""
+    live = UnlearnedModel(copy.deepcopy(model), Projector(model.feature_dim))
+
+    def defers(n_forget: int, **overrides) -> bool:
+        return engine._can_defer(Context(model=live, original=model, config=_config("structguard", **overrides)),
+                                 n_forget)
+
+    assert defers(8, batch_size=8) and defers(128, batch_size=128)
+    assert not defers(9, batch_size=8)  # a batch holds only some of the forget images
+    assert not defers(8, bn="train")  # train-mode BatchNorm: a batch's logits depend on the batch
+    assert not defers(8, deletion_path="backbone")  # the step's forget logits bypass the projector
+    assert not defers(8, **PAPER_SCHEDULE["structguard"])
+
+
 # --------------------------------------------------------- cancel and NaN guard
 
 
