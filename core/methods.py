@@ -141,7 +141,8 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # bench/results/v2/ and v3/tune-*.md: forget seeds 100 and up, A_r on 2,000 held-out training images.
 # One pass budget per k for every method (a pass over 8 x 20 proxies is 2 steps, over 128 x 20 is 20).
 # k=128: 60 passes (25 until v12, 40 until v16); with 15, StructGuard left one image recognised on held-out seeds
-# 101-102 (327 steps); with 40, seed 113 (v16, 3.9 % recognised after 800 steps; forgotten at step 802 with 60).
+# 101-102 (327 steps); with 40, seeds 113 and 121 (v16: 3.9 % recognised after 800 steps; forgotten at step 802;
+# 851 steps).
 # Engine v4 at k=32 (docs/METHOD.md; held-out seeds 100-103, bench/results/v5/tune-*.md): the deletion push moves to
 # the images that resist (hinge_dual) and the stem and layer1 keep the original weights (they run once per input).
 # StructGuard lr 0.002 kept 90.25 % A_r in 154 steps against 89.54 % in 198 with the v3 loop on the same sets;
@@ -183,9 +184,8 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # steps instead of 211-238. "distinct" alone kept -0.51 (StructGuard, k=32) and -1.11 (k=8, where 1 in 8 mixtures
 # was an image itself); "cross" (two classes) -2.08 in 0.68x the steps; Adv with mix 4 alone left a set unforgotten.
 # At k=8 a weight of 1.5 or 2 did not buy the self-mixtures back (-0.80, -0.88): k=8 and k=128 keep independent draws.
-# StructGuard at k=128 computes in bfloat16 too (v16, docs/METHOD.md): on eight fresh held-out sets (seeds 112-119) it
-# kept +0.16 [-1.40, +1.71] A_r against float32 (more on 2 of 8) in 0.44x the time; both left seed 113 a few images
-# short at the 40-pass budget.
+# StructGuard at k=128 computes in bfloat16 too (v16, docs/METHOD.md): on sixteen fresh held-out sets (seeds 112-127)
+# it kept -0.07 [-1.14, +0.99] A_r against float32 (more on 6 of 16) in about half the time.
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 MIX32 = dict(mix_weight=4.0, mix_pairs="distinct")
 BF16 = dict(precision="auto")
