@@ -225,7 +225,7 @@ def _deferred_check(ctx: Context, live: UnlearnedModel, x_forget: torch.Tensor, 
     """(forget accuracy, stop rule met) for the weights the last step left, from this step's forward when it shows
     an image still recognised beyond DEFER_SLACK; otherwise from the float32 check."""
     seen = ctx.state.pop("forget_logits", None)
-    if seen is not None and DEFER_SLACK is not None:
+    if seen is not None:
         rows, logits = seen
         true, other = true_and_best_other(logits.float(), y_forget[rows])
         if float((true - other).max()) > DEFER_SLACK - ctx.config.stop_margin:
@@ -337,7 +337,7 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     # The steps' rows, stored in the steps' dtype where the stage they enter casts them to it anyway (its first
     # convolutions): bit-identical outputs without casting every step's rows twice (about 5 % of a k=32 step).
     # The float32 originals stay for the float32 uses: the forget check, the original's answers, importance.
-    if dtype is not None and isinstance(base_resnet(live), ResNet) and base_resnet(live).enters_by_convolution(entry):
+    if dtype is not None and entry != "stem" and base_resnet(live).enters_by_convolution(entry):  # a ResNet (above)
         ctx.state["steps_forget"] = z_forget.to(dtype)
         if recipe.needs_proxy:
             ctx.state["steps_proxy"] = ctx.x_adv.to(dtype)
@@ -417,6 +417,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     if met and checked:
         stop_reason = "forgotten"
     pending: dict | None = None  # the last step's record while its forget accuracy waits for the next forward
+    defer = _can_defer(ctx, len(x_forget))
 
     def finish(record: dict, acc: float | None) -> None:
         """Complete a step's record with the forget accuracy of the weights it left, and report it."""
@@ -471,7 +472,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                       "terms": {k: float(v.detach()) for k, v in terms.items()}}
             if due(step):
                 snapshot(step)
-            if checked and step < max_steps and _can_defer(ctx, len(x_forget)):
+            if checked and step < max_steps and defer:
                 pending = record  # the next step's forward tells whether the float32 check is needed
                 continue
             if checked:

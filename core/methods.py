@@ -155,6 +155,8 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # CPU. L2UL kept less in bfloat16 (86.29 against 88.00) and stays float32; NegGrad was not checked. One StructGuard
 # forget set needed 384 steps in bfloat16, so k=32's budget is 80 passes for every method (no float32 run needed >60).
 # At k=8 StructGuard too (92.00 against 91.95); Adv kept less there (92.08 against 92.44) and stays float32.
+# StructGuard at k=128 computes in bfloat16 too (v16, docs/METHOD.md): on sixteen fresh held-out sets (seeds 112-127)
+# it kept -0.07 [-1.14, +0.99] A_r against float32 (more on 6 of 16) in about half the time.
 # L2UL at k=128 (held-out seeds 100-103, bench/results/v8/tune-l2ul-k128*.md): with the plain hinge and mix 3 it
 # hit the 500-step budget with 2-4 % of the images still recognised; the hinge_dual push forgets every set in 164
 # steps and keeps 68.05 % A_r (mix 1: 61.51, mix 2: not forgotten). A lighter MAS penalty (lam 0.3) lets the plain
@@ -184,8 +186,6 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # steps instead of 211-238. "distinct" alone kept -0.51 (StructGuard, k=32) and -1.11 (k=8, where 1 in 8 mixtures
 # was an image itself); "cross" (two classes) -2.08 in 0.68x the steps; Adv with mix 4 alone left a set unforgotten.
 # At k=8 a weight of 1.5 or 2 did not buy the self-mixtures back (-0.80, -0.88): k=8 and k=128 keep independent draws.
-# StructGuard at k=128 computes in bfloat16 too (v16, docs/METHOD.md): on sixteen fresh held-out sets (seeds 112-127)
-# it kept -0.07 [-1.14, +0.99] A_r against float32 (more on 6 of 16) in about half the time.
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 MIX32 = dict(mix_weight=4.0, mix_pairs="distinct")
 BF16 = dict(precision="auto")
