@@ -1,6 +1,7 @@
 """Where a bfloat16 update step's convolution time goes on this CPU: forward, input gradient and weight gradient of each
 3x3 convolution that a k=32 StructGuard step trains (layers 2-4 of the sample model, 288 rows, channels_last), and
-two hand-written weight gradients that could replace oneDNN's where it is slow.
+two hand-written weight gradients that could replace oneDNN's where it is slow. The engine computes the second one
+on output maps of at most 4x4 (core.models.SMALL_MAP: layer4's convolutions), where it measured fastest.
 
     python bench/conv_backward.py [--out bench/results/conv-backward-intel.md]
 
@@ -44,8 +45,11 @@ def weight_grad_by_shifts(x: torch.Tensor, g: torch.Tensor, stride: int) -> torc
 
 
 def weight_grad_as_conv(x: torch.Tensor, g: torch.Tensor, stride: int) -> torch.Tensor:
-    """dL/dW as a forward convolution: the images become channels and the gradient map the kernel."""
-    return F.conv2d(x.transpose(0, 1), g.transpose(0, 1), None, 1, 1, stride).transpose(0, 1)[:, :, :3, :3]
+    """dL/dW as a forward convolution: the images become channels and the gradient map the kernel (what
+    core.models._SmallMapConv computes, with both operands copied to channels_last first)."""
+    rows_as_channels = x.transpose(0, 1).contiguous(memory_format=torch.channels_last)
+    kernel = g.transpose(0, 1).contiguous(memory_format=torch.channels_last)
+    return F.conv2d(rows_as_channels, kernel, None, 1, 1, stride).transpose(0, 1)[:, :, :3, :3]
 
 
 def measure(cin: int, cout: int, hw: int, stride: int) -> tuple[float, float, float, float, float, float, float]:

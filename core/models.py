@@ -87,8 +87,56 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
     if bn.training or bn.running_var is None or bn.weight is None or bn.bias is None:
         return bn(conv(x))
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale,
-                    conv.stride, conv.padding, conv.dilation, conv.groups)
+    w, b = conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+    if _small_map_bf16(conv, x):
+        dtype = torch.get_autocast_dtype("cpu")
+        return _SmallMapConv.apply(x.to(dtype), w.to(dtype), b.to(dtype), conv.stride[0])  # autocast's casts
+    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+# The weight gradient of a 3x3 convolution sums over every row and output position. Where the output map is small
+# (at most SMALL_MAP pixels a side: the last stage of a ResNet on 28- or 32-pixel images), oneDNN's bfloat16 kernel
+# for it is 1.4-2.8x slower on the CPU than the same sum computed as a forward convolution that takes the rows as
+# channels (bench/conv_backward.py): a tenth of a k=32 update step. Only the rounding differs. In float32 oneDNN's
+# own kernel is faster, and on CUDA cuDNN has no such gap measured, so both keep it.
+SMALL_MAP = 4
+
+
+def _small_map_bf16(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether conv's weight gradient is due on a small output map, computed in bfloat16 on the CPU."""
+    if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and conv.weight.requires_grad
+            and torch.is_grad_enabled() and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return False
+    square = conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride[0] == conv.stride[1]
+    out = (x.shape[-1] - 1) // conv.stride[1] + 1
+    return square and conv.dilation == (1, 1) and conv.groups == 1 and out <= SMALL_MAP
+
+
+class _SmallMapConv(torch.autograd.Function):
+    """F.conv2d(x, w, b, stride, padding=1) for a 3x3 kernel, with the weight gradient computed as a convolution of
+    the input (rows as channels) by the output gradient (dilated by the stride)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.stride = stride
+        return F.conv2d(x, w, b, stride, 1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        s, need = ctx.stride, ctx.needs_input_grad
+        gx = gw = gb = None
+        if need[0]:
+            gx = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        if need[1]:
+            rows_as_channels = x.transpose(0, 1).contiguous(memory_format=torch.channels_last)
+            kernel = g.transpose(0, 1).contiguous(memory_format=torch.channels_last)
+            gw = F.conv2d(rows_as_channels, kernel, None, 1, 1, s).transpose(0, 1)[:, :, :3, :3]
+        if need[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
 
 
 def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

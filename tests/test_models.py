@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core import models
 from core.engine import entering_at
 from core.models import (
     ARCHS,
@@ -120,6 +121,43 @@ def test_eval_mode_batchnorm_folds_into_the_conv_with_the_same_outputs_and_gradi
     stats = bn.running_mean.clone()
     torch.testing.assert_close(conv_bn(conv, bn, x), F.batch_norm(conv(x), None, None, bn.weight, bn.bias, True))
     assert not torch.equal(bn.running_mean, stats)  # a train-mode call updates the running statistics as before
+
+
+def test_small_map_weight_gradient_matches_onednn_to_bfloat16_rounding(monkeypatch) -> None:
+    """In bfloat16 on the CPU, layer4's 3x3 convolutions (4x4 output maps) take their weight gradient from a forward
+    convolution (core.models.SMALL_MAP): the outputs and the input gradient are oneDNN's bit for bit, the weight and
+    BatchNorm gradients are the same sums rounded otherwise. Float32 and the larger maps keep oneDNN's throughout."""
+    torch.manual_seed(0)
+    model = prepare_model(create_model("resnet18_narrow", 10, 1).eval(), torch.device("cpu"))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0), m.weight.normal_(1, 0.1)
+    x = torch.rand(48, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(10, (48,))
+
+    def step(small_map: int, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(models, "SMALL_MAP", small_map)
+        model.zero_grad(set_to_none=True)
+        z = model.encode(x, "layer3").detach().requires_grad_()
+        with entering_at("layer3", model), trunk_dtype(dtype):
+            logits = model(z)
+        F.cross_entropy(logits, target).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads | {"input": z.grad.clone()}
+
+    small_map = models.SMALL_MAP
+    for dtype in (None, torch.bfloat16):
+        (out_a, ga), (out_b, gb) = step(0, dtype), step(small_map, dtype)
+        assert torch.equal(out_a, out_b)
+        differ = {n for n in ga if not torch.equal(ga[n], gb[n])}
+        if dtype is None:
+            assert not differ
+            continue
+        assert differ and all(n.startswith("layer4.") and "shortcut" not in n for n in differ), differ
+        for n in differ:  # rounding: within a few bfloat16 ulps of the largest entry
+            scale = ga[n].abs().max()
+            assert (ga[n] - gb[n]).abs().max() <= 0.02 * scale, n
 
 
 def test_channels_last_gives_the_same_outputs(tiny_model) -> None:
