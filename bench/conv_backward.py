@@ -52,9 +52,11 @@ def weight_grad_as_conv(x: torch.Tensor, g: torch.Tensor, stride: int) -> torch.
     return F.conv2d(rows_as_channels, kernel, None, 1, 1, stride).transpose(0, 1)[:, :, :3, :3]
 
 
-def measure(cin: int, cout: int, hw: int, stride: int) -> tuple[float, float, float, float, float, float, float]:
-    """(forward, input grad, weight grad, by shifts, as a conv) in ms, and the two hand-written ones' max relative
-    difference from oneDNN's weight gradient."""
+def measure(cin: int, cout: int, hw: int, stride: int) -> tuple[float, ...]:
+    """(forward, input grad, weight grad, by shifts, as a conv) in ms, the two hand-written ones' max relative
+    difference from oneDNN's weight gradient, and the error of oneDNN's, of the one as a conv and of the float64
+    gradient rounded to bfloat16, each against the float64 gradient of the same bfloat16 operands (mean |error| /
+    mean |gradient|): how far each is from the exact sum."""
     x = torch.randn(ROWS, cin, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     w = torch.randn(cout, cin, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(F.conv2d(x, w, None, stride, 1))
@@ -67,10 +69,17 @@ def measure(cin: int, cout: int, hw: int, stride: int) -> tuple[float, float, fl
     def rel(other: torch.Tensor) -> float:
         return float((other.float() - ref).abs().max() / ref.abs().max())
 
+    exact = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [stride] * 2, [1, 1],
+                                                [1, 1], False, [0, 0], 1, [False, True, False])[1]
+
+    def error(other: torch.Tensor) -> float:
+        return float((other.double() - exact).abs().mean() / exact.abs().mean())
+
     return (ms(lambda: F.conv2d(x, w, None, stride, 1)), ms(lambda: backward([True, False, False])),
             ms(lambda: backward([False, True, False])), ms(lambda: weight_grad_by_shifts(x, g, stride)),
             ms(lambda: weight_grad_as_conv(x, g, stride)), rel(weight_grad_by_shifts(x, g, stride)),
-            rel(weight_grad_as_conv(x, g, stride)))
+            rel(weight_grad_as_conv(x, g, stride)), error(backward([False, True, False])[1]),
+            error(weight_grad_as_conv(x, g, stride)), error(exact.to(torch.bfloat16)))
 
 
 def main() -> None:
@@ -79,14 +88,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = ["| conv (in -> out, input map, stride) | forward | input grad | weight grad | weight grad by shifts "
-            "(max rel. diff) | weight grad as a conv (max rel. diff) |", "|---|---|---|---|---|---|"]
+            "(max rel. diff) | weight grad as a conv (max rel. diff) | error: oneDNN / as a conv / exact rounded |",
+            "|---|---|---|---|---|---|---|"]
     totals = [0.0, 0.0, 0.0]
     for cin, cout, hw, stride in SHAPES:
-        fwd, gx, gw, shifts, as_conv, e_shifts, e_conv = measure(cin, cout, hw, stride)
+        fwd, gx, gw, shifts, as_conv, e_shifts, e_conv, err_dnn, err_conv, err_round = measure(cin, cout, hw, stride)
         for i, v in enumerate((fwd, gx, gw)):
             totals[i] += v
         rows.append(f"| {cin} -> {cout}, {hw}x{hw}, {stride} | {fwd:.2f} | {gx:.2f} | {gw:.2f} | {shifts:.2f} "
-                    f"({e_shifts:.0e}) | {as_conv:.2f} ({e_conv:.0e}) |")
+                    f"({e_shifts:.0e}) | {as_conv:.2f} ({e_conv:.0e}) "
+                    f"| {err_dnn:.6f} / {err_conv:.6f} / {err_round:.6f} |")
     head = (f"Command: `python bench/conv_backward.py{' --out ' + args.out if args.out else ''}`; torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads, bfloat16, channels_last, {ROWS} rows; "
             f"milliseconds per call, median of 5 rounds of 20. Each shape once (a step has 1-3 of each); sums: "
