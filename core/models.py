@@ -88,9 +88,9 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
         return bn(conv(x))
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     w, b = conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
-    if _small_map_bf16(conv, x):
-        dtype = torch.get_autocast_dtype("cpu")
-        return _SmallMapConv.apply(x.to(dtype), w.to(dtype), b.to(dtype), conv.stride[0])  # autocast's casts
+    if _small_map_bf16(conv, x):  # autocast's casts, which a custom Function does not get
+        bf16 = torch.bfloat16
+        return _SmallMapConv.apply(x.to(bf16), w.to(bf16), b.to(bf16), conv.stride[0])
     return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
