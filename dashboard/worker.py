@@ -227,13 +227,6 @@ def start(requests: list[Any], job: Any) -> threading.Thread:
             else:
                 final = msg
         dirs = [] if final is None else final[3] if final[0] == "failed" else final[1]
-        if dirs:  # in the server, where UMAP is compiled once (a new process would spend ~8 s loading it)
-            job.on_progress(1.0, "preparing the audit views ...")
-            for d in dirs:  # so the Audit page opens without waiting for the drift map
-                try:
-                    prepare_views(Path(d))
-                except Exception:  # the Audit page shows the problem when it is opened
-                    pass
         proc.join(GRACE_S)
         if proc.is_alive() and IN_PROCESS:
             proc.kill()
@@ -256,6 +249,14 @@ def start(requests: list[Any], job: Any) -> threading.Thread:
             job.finished = time.time()
         if IN_PROCESS:
             messages.close()
+        # After the result is shown: in the server, where UMAP is compiled once (a new process would spend ~8 s
+        # loading it), so that the Audit page opens without fitting the drift map (it waits for this fit if asked
+        # sooner: core.audit.views locks each view's cache).
+        for d in dirs:
+            try:
+                prepare_views(Path(d))
+            except Exception:  # the Audit page shows the problem when it is opened
+                pass
 
     thread = threading.Thread(target=pump, name=f"structguard-pump-{job.token}", daemon=True)
     thread.start()

@@ -295,3 +295,35 @@ def test_views_of_an_unwritable_run_are_computed_not_cached(neggrad_run, tmp_pat
     assert view.result.after.shape == (len(rec.audit["labels"]), 2)
     assert (run / "views").read_text() == "not a folder"
     assert any("not cached" in str(w.message) for w in caught)
+
+
+def test_two_threads_asking_for_one_view_fit_it_once(neggrad_run, tmp_path, monkeypatch):
+    """The dashboard's pump fits a new run's drift map after the run shows as done; an Audit page opened meanwhile
+    waits for that fit and reads its cache instead of fitting the same map a second time."""
+    import threading
+    import time
+
+    from core.audit import views
+    from core.runs import load_run
+
+    run = _copy(neggrad_run, tmp_path)
+    shutil.rmtree(run / "views", ignore_errors=True)
+    rec = load_run(run)
+    fits, real = [], views.embedding_drift
+
+    def slow_fit(*args, **kwargs):
+        fits.append(threading.current_thread().name)
+        time.sleep(0.3)  # long enough that the second thread asks while the first still fits
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(views, "embedding_drift", slow_fit)
+    out = {}
+    threads = [threading.Thread(target=lambda n=n: out.setdefault(n, views.drift_view(run, rec.audit, rec.meta,
+                                                                                      method="pca")), name=n)
+               for n in ("pump", "page")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(fits) == 1, fits
+    np.testing.assert_array_equal(out["pump"].result.after, out["page"].result.after)
