@@ -32,9 +32,10 @@ CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "h
            "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
 HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the authors' loop: CE ascent, "
                     "train-mode BN, random projector, their budgets and learning rates)",
-        "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist; "
-                    "default), hinge, hinge_active (the hinge averaged over the images it still pushes), masked_ce, "
-                    "or ce (the published ascent)",
+        "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist), "
+                    "hinge, hinge_active (the hinge averaged over the images it still pushes), masked_ce, or ce "
+                    "(the published ascent); default: tuned per forget size (hinge_dual at k=32, hinge at k=8 "
+                    "and k=128)",
         "dual_lr": "hinge_dual: how fast an image's share of the push grows while it resists",
         "lr_decay": "multiply the learning rate by this after every pass over the proxy set (1 = constant; "
                     "default: tuned per forget size; at k=32 0.95 for StructGuard and L2UL, 0.98 for Adv)",
