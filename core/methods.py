@@ -186,6 +186,9 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # steps instead of 211-238. "distinct" alone kept -0.51 (StructGuard, k=32) and -1.11 (k=8, where 1 in 8 mixtures
 # was an image itself); "cross" (two classes) -2.08 in 0.68x the steps; Adv with mix 4 alone left a set unforgotten.
 # At k=8 a weight of 1.5 or 2 did not buy the self-mixtures back (-0.80, -0.88): k=8 and k=128 keep independent draws.
+# StructGuard at k=128 (v18, held-out seeds 112-119, docs/METHOD.md): from layer2, or a mixture weight of 6 or 7,
+# left a set partly recognised after 60 passes; weight 7 with hinge_dual 0.05 forgot every set in about half the steps
+# but kept -1.30 A_r over eight sets (-2.06 on the four fresh ones). k=128 keeps the plain hinge with weight 5.
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 MIX32 = dict(mix_weight=4.0, mix_pairs="distinct")
 BF16 = dict(precision="auto")
