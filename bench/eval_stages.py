@@ -1,0 +1,80 @@
+"""How much of a k=32 run's evaluation the frozen stages cost: the measurement rows through the whole model against
+the same rows entering at layer2 (the stem and layer1 keep the original weights in a k=32 run, so their outputs on
+the retain and test rows are the same for every such run and could be kept).
+
+    python bench/eval_stages.py [--out bench/results/eval-stages.md]
+
+Run it with nothing else on the machine: the numbers are wall-clock seconds, median of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--out", default="bench/results/eval-stages.md")
+    p.add_argument("--model", default="fmnist_resnet18_narrow")
+    p.add_argument("--rows", type=int, default=15000, help="measured rows (k=32: 5,000 retain + 10,000 test)")
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    import torch
+
+    from core.engine import entering_at
+    from core.models import compute_dtype, load_model, trunk_dtype
+    from core.train import prepare_model
+
+    loaded = load_model(args.model)
+    model = prepare_model(loaded.model.eval(), torch.device("cpu"))
+    dtype = compute_dtype("auto", torch.device("cpu"))
+    torch.manual_seed(0)
+    x = torch.rand(args.rows, *loaded.card["input_shape"]).contiguous(memory_format=torch.channels_last)
+    chunks = range(0, args.rows, args.batch)
+    t0 = time.perf_counter()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        z = torch.cat([model.encode(x[i:i + args.batch], "layer2") for i in chunks])
+    encode_s = time.perf_counter() - t0
+
+    def whole() -> None:
+        with torch.no_grad(), trunk_dtype(dtype):
+            for i in chunks:
+                model(x[i:i + args.batch]).argmax(1)
+
+    def from_layer2() -> None:
+        with torch.no_grad(), trunk_dtype(dtype), entering_at("layer2", model):
+            for i in chunks:
+                model(z[i:i + args.batch]).argmax(1)
+
+    times: dict[str, list[float]] = {"whole model": [], "from layer2 (stem and layer1 kept)": []}
+    whole(), from_layer2()  # warm-up
+    for _ in range(args.repeats):  # interleaved: the machine's speed drifts
+        for name, fn in zip(times, (whole, from_layer2), strict=True):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["whole model"])
+    lines = [f"Command: `python bench/eval_stages.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {args.rows} rows of {args.batch}, "
+             f"{'bf16' if dtype else 'fp32'}; median of {args.repeats} (min-max).", "",
+             "| rows enter at | s | ratio |", "|---|---|---|"]
+    for name, ts in times.items():
+        lines.append(f"| {name} | {statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f}) "
+                     f"| {statistics.median(ts) / base:.2f} |")
+    lines += ["", f"Keeping layer2's inputs for these rows takes {z.numel() * z.element_size() / 2**20:.0f} MiB "
+              f"({z.dtype}); computing them took {encode_s:.2f} s."]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
