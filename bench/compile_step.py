@@ -11,7 +11,6 @@ Run it with nothing else on the machine: the numbers are wall-clock milliseconds
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -20,32 +19,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from step_profile import per_call_ms  # noqa: E402  (bench/ is the script's folder)
+from step_profile import model_and_images, part_parser, per_call_ms, publish  # noqa: E402  (bench/ is the script's folder)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--out", default="bench/results/compile-step.md")
-    p.add_argument("--model", default="fmnist_resnet18_narrow")
-    p.add_argument("--rows", type=int, default=288, help="rows a step computes (k=32: 32 forget, 128 + 128 proxy)")
-    args = p.parse_args()
+    args = part_parser(__doc__, "bench/results/compile-step.md", 288,
+                       "rows a step computes (k=32: 32 forget, 128 + 128 proxy)").parse_args()
     import torch
     import torch.nn.functional as F
 
     from core.engine import UnlearnedModel, entering_at
-    from core.models import compute_dtype, freeze_before, load_model, trunk_dtype
-    from core.train import prepare_model
+    from core.models import freeze_before, trunk_dtype
 
-    torch.manual_seed(0)
-    loaded = load_model(args.model)
-    base = prepare_model(loaded.model.eval(), torch.device("cpu"))
-    shape = tuple(loaded.card["input_shape"])
+    loaded, base, images, dtype = model_and_images(args.model, args.rows)
     with torch.no_grad():
-        z = base.encode(torch.rand(args.rows, *shape).contiguous(memory_format=torch.channels_last), "layer2")
+        z = base.encode(images, "layer2")
     y = torch.randint(len(loaded.card["class_names"]), (args.rows,))
     live = UnlearnedModel(copy.deepcopy(base))
     freeze_before(live.base(), "layer2")
-    dtype = compute_dtype("auto", torch.device("cpu"))
 
     def step(model: torch.nn.Module) -> None:
         with trunk_dtype(dtype):
@@ -69,9 +60,7 @@ def main() -> int:
              f"| eager (before, after) | {before:.1f}, {after:.1f} | 1 |",
              f"| torch.compile | {after_compile:.1f} | {after_compile / eager:.2f} |", "",
              f"The first compiled call took {compile_s:.1f} s (compilation included)."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return publish(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Run it with nothing else on the machine: the numbers are wall-clock seconds, med
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -18,26 +17,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from step_profile import model_and_images, part_parser, publish  # noqa: E402  (bench/ is the script's folder)
+
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--out", default="bench/results/eval-stages.md")
-    p.add_argument("--model", default="fmnist_resnet18_narrow")
-    p.add_argument("--rows", type=int, default=15000, help="measured rows (k=32: 5,000 retain + 10,000 test)")
+    p = part_parser(__doc__, "bench/results/eval-stages.md", 15000, "measured rows (k=32: 5,000 retain + 10,000 test)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     import torch
 
     from core.engine import entering_at
-    from core.models import compute_dtype, load_model, trunk_dtype
-    from core.train import prepare_model
+    from core.models import trunk_dtype
 
-    loaded = load_model(args.model)
-    model = prepare_model(loaded.model.eval(), torch.device("cpu"))
-    dtype = compute_dtype("auto", torch.device("cpu"))
-    torch.manual_seed(0)
-    x = torch.rand(args.rows, *loaded.card["input_shape"]).contiguous(memory_format=torch.channels_last)
+    _, model, x, dtype = model_and_images(args.model, args.rows)
     chunks = range(0, args.rows, args.batch)
     t0 = time.perf_counter()
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
@@ -71,9 +64,7 @@ def main() -> int:
                      f"| {statistics.median(ts) / base:.2f} |")
     lines += ["", f"Keeping layer2's inputs for these rows takes {z.numel() * z.element_size() / 2**20:.0f} MiB "
               f"({z.dtype}); computing them took {encode_s:.2f} s."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return publish(args.out, lines)
 
 
 if __name__ == "__main__":

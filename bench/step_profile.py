@@ -34,6 +34,38 @@ def per_call_ms(fn: Callable[[], None], repeats: int = 30, warmup: int = 3) -> f
     return (time.perf_counter() - t0) / repeats * 1000
 
 
+def part_parser(doc: str, out: str, rows: int, rows_help: str) -> argparse.ArgumentParser:
+    """The options of a bench script that times one part on the sample model: --out, --model and --rows."""
+    p = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    p.add_argument("--out", default=out)
+    p.add_argument("--model", default="fmnist_resnet18_narrow")
+    p.add_argument("--rows", type=int, default=rows, help=rows_help)
+    return p
+
+
+def publish(out: str, lines: list[str]) -> int:
+    """Write a result table (the command line first) to `out`, print it, and give the script's exit status."""
+    text = "\n".join(lines) + "\n"
+    Path(out).write_text(text)
+    print(text, end="")
+    return 0
+
+
+def model_and_images(name: str, rows: int, seed: int = 0) -> tuple:
+    """(loaded model, its network prepared as runs prepare it on the CPU, `rows` random images of its input shape in
+    channels_last, the dtype of precision "auto" here): the shared start of the bench scripts that time one part."""
+    import torch
+
+    from core.models import compute_dtype, load_model
+    from core.train import prepare_model
+
+    torch.manual_seed(seed)
+    loaded = load_model(name)
+    model = prepare_model(loaded.model.eval(), torch.device("cpu"))
+    images = torch.rand(rows, *loaded.card["input_shape"]).contiguous(memory_format=torch.channels_last)
+    return loaded, model, images, compute_dtype("auto", torch.device("cpu"))
+
+
 def step_parts(meta: dict, repeats: int = 30) -> list[tuple[str, float]]:
     """Milliseconds of each part of one update step, with the run's sizes, dtype and first updated stage."""
     import torch
