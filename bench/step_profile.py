@@ -51,9 +51,9 @@ def publish(out: str, lines: list[str]) -> int:
     return 0
 
 
-def model_and_images(name: str, rows: int, seed: int = 0) -> tuple:
+def model_and_images(name: str, rows: int, precision: str = "auto", seed: int = 0) -> tuple:
     """(loaded model, its network prepared as runs prepare it on the CPU, `rows` random images of its input shape in
-    channels_last, the dtype of precision "auto" here): the shared start of the bench scripts that time one part."""
+    channels_last, the trunk dtype of `precision` here): the shared start of the bench scripts that time one part."""
     import torch
 
     from core.models import compute_dtype, load_model
@@ -63,7 +63,7 @@ def model_and_images(name: str, rows: int, seed: int = 0) -> tuple:
     loaded = load_model(name)
     model = prepare_model(loaded.model.eval(), torch.device("cpu"))
     images = torch.rand(rows, *loaded.card["input_shape"]).contiguous(memory_format=torch.channels_last)
-    return loaded, model, images, compute_dtype("auto", torch.device("cpu"))
+    return loaded, model, images, compute_dtype(precision, torch.device("cpu"))
 
 
 def step_parts(meta: dict, repeats: int = 30) -> list[tuple[str, float]]:
@@ -73,21 +73,17 @@ def step_parts(meta: dict, repeats: int = 30) -> list[tuple[str, float]]:
 
     from core.engine import UnlearnedModel, entering_at
     from core.methods import UnlearnConfig, weighted_l2_penalty
-    from core.models import compute_dtype, freeze_before, load_model, trunk_dtype
+    from core.models import freeze_before, trunk_dtype
     from core.sgd import SGD
-    from core.train import prepare_model
 
     cfg = UnlearnConfig.from_dict(meta["config"])
-    base = prepare_model(load_model(meta["model"]["name"]).model.eval(), torch.device("cpu"))  # channels_last, as runs
     k = len(meta["forget_ids"])
     rows = min(cfg.batch_size, k) + cfg.batch_size + (cfg.mix_batch if cfg.mix_weight > 0 else 0)
-    shape = tuple(meta["model"]["card"]["input_shape"])
-    torch.manual_seed(0)
+    _, base, images, dtype = model_and_images(meta["model"]["name"], rows, cfg.precision)
     with torch.no_grad():
-        z = base.encode(torch.rand(rows, *shape).contiguous(memory_format=torch.channels_last), cfg.train_from)
+        z = base.encode(images, cfg.train_from)
     live = UnlearnedModel(copy.deepcopy(base))
     freeze_before(live.base(), cfg.train_from)
-    dtype = compute_dtype(cfg.precision, torch.device("cpu"))
     y = torch.randint(10, (rows,))
     params = [p for p in live.parameters() if p.requires_grad]
     ref = {n: p.detach().clone() for n, p in live.backbone.named_parameters() if p.requires_grad}

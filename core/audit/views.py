@@ -46,14 +46,9 @@ def drift_method(method: str | None = None) -> str:
 # ------------------------------------------------------------------------------------ the disk cache
 
 
-_LOCKS: dict[Path, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def _fit_lock(path: Path) -> threading.Lock:
-    """One lock per cache file in this process: two threads never fit the same view at once."""
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(path.resolve(), threading.Lock())
+# Fits (not reads) take turns in this process: a page that asks for a view while the dashboard's pump fits it
+# waits, then reads the pump's cache instead of fitting it again. One lock: fits already share the two cores.
+_FIT_LOCK = threading.Lock()
 
 
 def _stamp(run_dir: Path, *parts: Any) -> str:
@@ -120,21 +115,23 @@ def drift_view(run_dir: str | Path, audit: dict[str, np.ndarray], meta: dict, me
     after_key = "backbone_after" if space == "backbone" else "feats_after"
     stamp = _stamp(run_dir, "drift", method, n_classes, space)
     path = run_dir / "views" / f"drift-{space}-{method}.npz"
-    with _fit_lock(path):  # a page that asks while the dashboard's worker fits the same map waits for its cache
-        cached = _read_cache(path, stamp)
-        if cached is None:
-            result, reducer = embedding_drift(audit["feats_before"], audit[after_key], labels, groups,
-                                              n_classes=n_classes, method=method)
-            frames = None
-            if space == "prediction" and "snapshots" in audit and len(audit.get("snapshot_steps", [])):
-                frames = project_snapshots(reducer, audit["snapshots"])
-            cached = {"stamp": np.array(stamp), "before": result.before, "after": result.after,
-                      "displacement": result.displacement, "rel": result.rel_feature_shift,
-                      "scale": np.array(result.scale), "method": np.array(result.method),
-                      "note": np.array(result.note), "per_class": np.array(json.dumps(result.per_class))}
-            if frames is not None:
-                cached["frames"] = frames
-            _write_cache(path, cached)
+    cached = _read_cache(path, stamp)
+    if cached is None:
+        with _FIT_LOCK:
+            cached = _read_cache(path, stamp)  # another thread may have written it while this one waited
+            if cached is None:
+                result, reducer = embedding_drift(audit["feats_before"], audit[after_key], labels, groups,
+                                                  n_classes=n_classes, method=method)
+                frames = None
+                if space == "prediction" and "snapshots" in audit and len(audit.get("snapshot_steps", [])):
+                    frames = project_snapshots(reducer, audit["snapshots"])
+                cached = {"stamp": np.array(stamp), "before": result.before, "after": result.after,
+                          "displacement": result.displacement, "rel": result.rel_feature_shift,
+                          "scale": np.array(result.scale), "method": np.array(result.method),
+                          "note": np.array(result.note), "per_class": np.array(json.dumps(result.per_class))}
+                if frames is not None:
+                    cached["frames"] = frames
+                _write_cache(path, cached)
     result = DriftResult(cached["before"], cached["after"], labels, groups, cached["displacement"], cached["rel"],
                          float(cached["scale"]), str(cached["method"]), json.loads(str(cached["per_class"])),
                          str(cached["note"]))
