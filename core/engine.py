@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -419,23 +418,6 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         stop_reason = "forgotten"
     pending: dict | None = None  # the last step's record while its forget accuracy waits for the next forward
     defer = _can_defer(ctx, len(x_forget))
-    repair: dict[str, Any] = {}  # from, until, and the last forgotten weights once the repair steps have begun
-
-    def done(met: bool) -> bool:
-        """Whether the run stops after this check. Without repair steps: once forgotten. With them: the first time
-        it is forgotten the repair steps begin, and they run to the end; every forgotten state on the way is kept,
-        so the run returns the last one (the retention terms lead there and may bring an image back)."""
-        if config.repair_steps <= 0:
-            return met
-        if met and not repair:
-            repair.update(start=step, until=step + config.repair_steps)
-            ctx.config = dataclasses.replace(ctx.config, margin=config.repair_margin)
-        if not repair:
-            return False
-        if met:
-            repair.update(kept=step, weights={k: v.detach().clone() for k, v in live.state_dict().items()})
-        repair["met"] = met
-        return step >= repair["until"]
 
     def finish(record: dict, acc: float | None) -> None:
         """Complete a step's record with the forget accuracy of the weights it left, and report it."""
@@ -470,7 +452,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                 acc, met = _deferred_check(ctx, live, x_forget, y_forget, step)
                 finish(pending, acc)
                 pending = None
-                if done(met):
+                if met:
                     stop_reason = "forgotten"
                     break
             loss = torch.stack(list(terms.values())).sum()
@@ -497,14 +479,11 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                 acc, met = _forget_accuracy(live, x_forget, y_forget, step, config.stop_margin)
             _update_mode(live, config, checked)
             finish(record, acc if checked else None)
-            if checked and done(met):
+            if checked and met:
                 stop_reason = "forgotten"
                 break
             if step >= max_steps:
                 break
-    if repair and not repair["met"]:  # the repair steps brought an image back: return the last forgotten weights
-        live.load_state_dict(repair["weights"])
-        stop_reason = "forgotten"
     snapshot(step)  # the timeline always ends at the returned model
     live.eval()
     timings["updates"] = time.perf_counter() - t0
@@ -514,8 +493,6 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
         if "importance" in ctx.state else {}
     extra["precision"] = precision_name(ctx.state["trunk_dtype"])  # what "auto" became
-    if repair:
-        extra["repair"] = {"from": repair["start"], "until": repair["until"], "returned": repair["kept"]}
     return Outcome(live, history, timings, stop_reason, step, None, extra)
 
 

@@ -64,8 +64,6 @@ class UnlearnConfig:
     lr_decay: float = 1.0             # then is multiplied by this once per pass (1: constant)
     stop_margin: float = 0.0          # stop once every forget image's true logit is this far below the best other
                                       # (0: once every one is misclassified, the default)
-    repair_steps: int = 0             # PROTOTYPE (v19): once forgotten, this many more steps with the deletion margin
-    repair_margin: float = 0.0        # repair_margin (the retention terms then lead); the last forgotten state returns
     deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
                                       # or "prediction" (through the projector, where forgetting is checked)
     bn: str = "frozen"                # backbone BatchNorm during updates: "frozen" (eval) or "train"
@@ -118,8 +116,6 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (isinstance(self.sr_quantile, (int, float)) and 0 < self.sr_quantile <= 1):
             raise ValueError(f"sr_quantile must be in (0, 1], got {self.sr_quantile!r}")
-        if not (isinstance(self.repair_steps, int) and self.repair_steps >= 0) or not self.repair_margin >= 0:
-            raise ValueError("repair_steps must be a whole number >= 0 and repair_margin a number >= 0")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
         if not (isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1):
