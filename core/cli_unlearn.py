@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported whe
     from .pipeline import RunRequest
 
 CONFIG_FLAGS = ("lr", "lr_decay", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size",
-                "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "dual_lr", "bn",
-                "mix_weight", "mix_pairs", "train_from", "precision")
+                "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "polish_steps",
+                "dual_lr", "bn", "mix_weight", "mix_pairs", "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
            "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
@@ -42,6 +42,9 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
         "stop_margin": "stop once every forget image's true logit is this far below the best other class "
                        "(default 0: once every one is misclassified; e.g. 0.1 keeps a changed precision from "
                        "bringing one back, at the price of more steps)",
+        "polish_steps": "once every forget image is misclassified, go on this many steps and return the last state "
+                        "in which every one still was (default 0: stop there; 100 kept +0.54 points of held-out "
+                        "retained accuracy at k=32 in 1.9x the steps, docs/METHOD.md v19)",
         "train_from": "first ResNet stage the run updates; the ones before keep the original weights and run once "
                       "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",

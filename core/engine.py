@@ -418,6 +418,21 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         stop_reason = "forgotten"
     pending: dict | None = None  # the last step's record while its forget accuracy waits for the next forward
     defer = _can_defer(ctx, len(x_forget))
+    polish: dict[str, Any] = {}  # once the stop rule is first met: where, until when, the last weights that met it
+
+    def done(met: bool) -> bool:
+        """Whether the run stops after this check: once the stop rule is met, or with polish_steps, once that many
+        more steps are taken (the last state that met the rule is kept and returned)."""
+        if config.polish_steps <= 0:
+            return met
+        if met and not polish:
+            polish.update(start=step, until=step + config.polish_steps)
+        if not polish:
+            return False
+        if met:
+            polish.update(kept=step, weights={k: v.detach().clone() for k, v in live.state_dict().items()})
+        polish["met"] = met
+        return step >= polish["until"]
 
     def finish(record: dict, acc: float | None) -> None:
         """Complete a step's record with the forget accuracy of the weights it left, and report it."""
@@ -452,7 +467,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                 acc, met = _deferred_check(ctx, live, x_forget, y_forget, step)
                 finish(pending, acc)
                 pending = None
-                if met:
+                if done(met):
                     stop_reason = "forgotten"
                     break
             loss = torch.stack(list(terms.values())).sum()
@@ -479,11 +494,14 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                 acc, met = _forget_accuracy(live, x_forget, y_forget, step, config.stop_margin)
             _update_mode(live, config, checked)
             finish(record, acc if checked else None)
-            if checked and met:
+            if checked and done(met):
                 stop_reason = "forgotten"
                 break
             if step >= max_steps:
                 break
+    if polish:  # the polish steps may end with an image recognised again: return the last state that met the rule
+        live.load_state_dict(polish["weights"])
+        stop_reason = "forgotten"
     snapshot(step)  # the timeline always ends at the returned model
     live.eval()
     timings["updates"] = time.perf_counter() - t0
@@ -493,6 +511,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
         if "importance" in ctx.state else {}
     extra["precision"] = precision_name(ctx.state["trunk_dtype"])  # what "auto" became
+    if polish:
+        extra["polish"] = {"from": polish["start"], "until": polish["until"], "returned": polish["kept"]}
     return Outcome(live, history, timings, stop_reason, step, None, extra)
 
 

@@ -64,6 +64,8 @@ class UnlearnConfig:
     lr_decay: float = 1.0             # then is multiplied by this once per pass (1: constant)
     stop_margin: float = 0.0          # stop once every forget image's true logit is this far below the best other
                                       # (0: once every one is misclassified, the default)
+    polish_steps: int = 0             # once the stop rule is met, go on this many steps and return the last state in
+                                      # which it was met (the retention terms keep working; docs/METHOD.md v19)
     deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
                                       # or "prediction" (through the projector, where forgetting is checked)
     bn: str = "frozen"                # backbone BatchNorm during updates: "frozen" (eval) or "train"
@@ -116,6 +118,8 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (isinstance(self.sr_quantile, (int, float)) and 0 < self.sr_quantile <= 1):
             raise ValueError(f"sr_quantile must be in (0, 1], got {self.sr_quantile!r}")
+        if not (isinstance(self.polish_steps, int) and self.polish_steps >= 0):
+            raise ValueError(f"polish_steps must be a whole number >= 0, got {self.polish_steps!r}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
         if not (isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1):

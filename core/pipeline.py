@@ -637,6 +637,7 @@ def run_meta(res: Resolved, run_id: str, weights_card: dict, metrics: dict, unl:
         "history": outcome.history, "stop_reason": outcome.stop_reason, "steps": outcome.steps,
         "importance": outcome.extra.get("importance"), "term_shares": term_shares(outcome.history),
         "precision": outcome.extra.get("precision"),  # what "auto" resolved to on this device
+        "polish": outcome.extra.get("polish"),  # with polish_steps: where they began and the step the model is from
         "eval_precision": precision_name(res.eval_dtype),  # the dataset rows' measurements
     }
 

@@ -284,6 +284,30 @@ def test_stop_margin_runs_on_until_every_image_is_that_far_past_the_boundary(mod
         _config("neggrad", stop_margin=-0.1)
 
 
+@pytest.mark.parametrize("mix_weight, lr, polish, restored", [(None, 0.002, 6, False), (2.0, 0.001, 30, True)])
+def test_polish_steps_go_on_past_the_stop_and_return_a_forgotten_state(model, forget, mix_weight, lr, polish,
+                                                                        restored):
+    """Past the stop the run goes on; a strong mixture pull brings an image back (the second case), and the run
+    then returns the last state in which every forget image was misclassified."""
+    _, x, y = forget
+    settings = dict(lr=lr, max_epochs=200, mix_weight=mix_weight)
+    plain = run_unlearning(model, x, y, 10, _config("adv", **settings))
+    assert plain.stop_reason == "forgotten" and "polish" not in plain.extra
+    polished = run_unlearning(model, x, y, 10, _config("adv", **settings, polish_steps=polish))
+    assert polished.stop_reason == "forgotten" and polished.steps == plain.steps + polish
+    info = polished.extra["polish"]
+    assert info["from"] == plain.steps and info["until"] == plain.steps + polish
+    assert polished.history[info["returned"]]["forget_acc"] == 0.0  # the returned state met the stop rule
+    assert (info["returned"] < info["until"]) == restored  # an image came back at the end: an earlier state
+    assert (polished.history[-1]["forget_acc"] > 0) == restored
+    # the same trajectory up to the plain stop: the polish steps only move where the run ends
+    assert [h["loss"] for h in polished.history[:plain.steps + 1]] == [h["loss"] for h in plain.history]
+    with torch.no_grad():
+        assert (polished.model(x).argmax(1) != y).all()
+    with pytest.raises(ValueError, match="polish_steps must be a whole number >= 0"):
+        _config("adv", polish_steps=-1)
+
+
 @pytest.mark.parametrize("method", ["adv", "l2ul", "structguard"])
 def test_methods_record_their_loss_terms(method, model, forget, anchors):
     _, x, y = forget
