@@ -502,6 +502,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     if polish:  # the polish steps may end with an image recognised again: return the last state that met the rule
         live.load_state_dict(polish["weights"])
         stop_reason = "forgotten"
+        snapped = -1  # the last frame shows the returned weights, also when this step already has one
     snapshot(step)  # the timeline always ends at the returned model
     live.eval()
     timings["updates"] = time.perf_counter() - t0

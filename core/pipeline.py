@@ -542,6 +542,9 @@ class Snapshots:
         return step % self.every == 0
 
     def __call__(self, step: int, feats: torch.Tensor) -> None:
+        if self.steps and self.steps[-1] == step:  # a step's frame again (polish steps: the returned weights)
+            self.frames[-1] = feats.cpu().half().numpy()
+            return
         self.frames.append(feats.cpu().half().numpy())
         self.steps.append(step)
         if len(self.frames) > MAX_SNAPSHOTS:  # thin out and snapshot less often from here on

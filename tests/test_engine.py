@@ -293,7 +293,9 @@ def test_polish_steps_go_on_past_the_stop_and_return_a_forgotten_state(model, fo
     settings = dict(lr=lr, max_epochs=200, mix_weight=mix_weight)
     plain = run_unlearning(model, x, y, 10, _config("adv", **settings))
     assert plain.stop_reason == "forgotten" and "polish" not in plain.extra
-    polished = run_unlearning(model, x, y, 10, _config("adv", **settings, polish_steps=polish))
+    frames: list[tuple[int, torch.Tensor]] = []
+    polished = run_unlearning(model, x, y, 10, _config("adv", **settings, polish_steps=polish),
+                              callbacks=Callbacks(on_snapshot=lambda s, f: frames.append((s, f)), snapshot_inputs=x))
     assert polished.stop_reason == "forgotten" and polished.steps == plain.steps + polish
     info = polished.extra["polish"]
     assert info["from"] == plain.steps and info["until"] == plain.steps + polish
@@ -304,6 +306,8 @@ def test_polish_steps_go_on_past_the_stop_and_return_a_forgotten_state(model, fo
     assert [h["loss"] for h in polished.history[:plain.steps + 1]] == [h["loss"] for h in plain.history]
     with torch.no_grad():
         assert (polished.model(x).argmax(1) != y).all()
+        assert frames[-1][0] == polished.steps  # the timeline ends at the returned weights
+        assert torch.allclose(frames[-1][1], polished.model.features(x), atol=1e-5)
     with pytest.raises(ValueError, match="polish_steps must be a whole number >= 0"):
         _config("adv", polish_steps=-1)
 
@@ -1259,3 +1263,14 @@ def test_train_from_updates_only_the_later_stages(model, forget, anchors, method
         assert "importance_weights" not in out.extra
     else:
         assert all(not k.startswith(("conv1", "bn1", "layer1")) for k in out.extra["importance_weights"])
+
+
+def test_a_steps_second_snapshot_replaces_its_first():
+    """The engine snapshots the last step again when polish steps return earlier weights: one frame per step."""
+    from core.pipeline import Snapshots
+
+    snaps = Snapshots(every=1)
+    snaps(0, torch.zeros(2, 3))
+    snaps(5, torch.ones(2, 3))
+    snaps(5, torch.full((2, 3), 2.0))
+    assert snaps.steps == [0, 5] and float(snaps.frames[-1][0, 0]) == 2.0
