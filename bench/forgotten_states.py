@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,18 +42,10 @@ UNREACHABLE = 1e9  # a stop margin no run reaches: the stop rule never fires, th
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); None with fewer than three states or no spread."""
-    if len(a) < 3:
+    """Spearman's rank correlation (scipy's); None with fewer than three states or no spread to rank."""
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
-
-    def ranks(v: list[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        return (t[:, None] > t[None, :]).sum(1) + 0.5 * ((t[:, None] == t[None, :]).sum(1) - 1)
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return None if den == 0 else float(ra @ rb) / den
+    return float(spearmanr(a, b).statistic)
 
 
 def forgotten_states(method: str, k: int, seed: int, seeds: tuple[int, ...], window: int, retain: int = 2000,

@@ -431,7 +431,6 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             return False
         if met:
             polish.update(kept=step, weights={k: v.detach().clone() for k, v in live.state_dict().items()})
-        polish["met"] = met
         return step >= polish["until"]
 
     def finish(record: dict, acc: float | None) -> None:
