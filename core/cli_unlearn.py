@@ -24,9 +24,9 @@ from .models import PRECISIONS, STAGES
 if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported where a run needs it
     from .pipeline import RunRequest
 
-CONFIG_FLAGS = ("lr", "lr_decay", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters", "n_adv", "batch_size",
-                "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin", "stop_margin", "polish_steps",
-                "dual_lr", "bn", "mix_weight", "mix_pairs", "train_from", "precision")
+CONFIG_FLAGS = ("lr", "lr_decay", "late_lr", "late_below", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters",
+                "n_adv", "batch_size", "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin",
+                "stop_margin", "polish_steps", "dual_lr", "bn", "mix_weight", "mix_pairs", "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
            "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
@@ -39,6 +39,9 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
         "dual_lr": "hinge_dual: how fast an image's share of the push grows while it resists",
         "lr_decay": "multiply the learning rate by this after every pass over the proxy set (1 = constant; "
                     "default: tuned per forget size; at k=32 0.95 for StructGuard and L2UL, 0.98 for Adv)",
+        "late_lr": "multiply the learning rate by this once forget accuracy has fallen to --late-below percent "
+                   "(1 = off; default: tuned per forget size; at k=128 0.5, docs/METHOD.md v20)",
+        "late_below": "forget accuracy (percent) from which --late-lr applies (default 5)",
         "stop_margin": "stop once every forget image's true logit is this far below the best other class "
                        "(default 0: once every one is misclassified; e.g. 0.1 keeps a changed precision from "
                        "bringing one back, at the price of more steps)",

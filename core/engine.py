@@ -419,6 +419,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     pending: dict | None = None  # the last step's record while its forget accuracy waits for the next forward
     defer = _can_defer(ctx, len(x_forget))
     polish: dict[str, Any] = {}  # once the stop rule is first met: where, until when, the last weights that met it
+    late = {"from": None}  # the step whose check first saw forget accuracy <= late_below (late_lr from then on)
 
     def done(met: bool) -> bool:
         """Whether the run stops after this check: once the stop rule is met, or with polish_steps, once that many
@@ -436,6 +437,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     def finish(record: dict, acc: float | None) -> None:
         """Complete a step's record with the forget accuracy of the weights it left, and report it."""
         record["forget_acc"] = acc  # None: not checked at this step
+        if late["from"] is None and config.late_lr < 1 and acc is not None and acc <= config.late_below:
+            late["from"] = record["step"]
         history.append(record)
         if cb.on_step:
             cb.on_step(record)
@@ -476,7 +479,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                                    "lower the learning rate or the regulariser weight and run again")
             opt.zero_grad()
             loss.backward()
-            opt.lr_scale = lr_scale(config, step, steps_per_epoch)
+            opt.lr_scale = lr_scale(config, step, steps_per_epoch) * (config.late_lr if late["from"] is not None else 1)
             opt.step()
             step += 1
             cb.check_cancel("the update steps")
@@ -511,6 +514,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     extra = {"importance": ctx.state["importance"], "importance_weights": ctx.state["weights"]} \
         if "importance" in ctx.state else {}
     extra["precision"] = precision_name(ctx.state["trunk_dtype"])  # what "auto" became
+    if late["from"] is not None:
+        extra["late_lr_from"] = late["from"]
     if polish:
         extra["polish"] = {"from": polish["start"], "until": polish["until"], "returned": polish["kept"]}
     return Outcome(live, history, timings, stop_reason, step, None, extra)

@@ -62,6 +62,8 @@ class UnlearnConfig:
     nesterov: bool = False            # Nesterov momentum in the update (damps the forget set's back and forth)
     warmup_steps: int = 0             # learning rate rises linearly over the first this many update steps (0: none)
     lr_decay: float = 1.0             # then is multiplied by this once per pass (1: constant)
+    late_lr: float = 1.0              # and by this from the first check with forget accuracy <= late_below (1: off)
+    late_below: float = 5.0           # forget accuracy (%) from which late_lr applies
     stop_margin: float = 0.0          # stop once every forget image's true logit is this far below the best other
                                       # (0: once every one is misclassified, the default)
     polish_steps: int = 0             # once the stop rule is met, go on this many steps and return the last state in
@@ -124,6 +126,10 @@ class UnlearnConfig:
             raise ValueError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
         if not (isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if not (isinstance(self.late_lr, (int, float)) and 0 < self.late_lr <= 1):
+            raise ValueError(f"late_lr must be in (0, 1], got {self.late_lr!r}")
+        if not (isinstance(self.late_below, (int, float)) and 0 <= self.late_below <= 100):
+            raise ValueError(f"late_below must be a forget accuracy in [0, 100], got {self.late_below!r}")
         if self.nesterov and not self.momentum > 0:
             raise ValueError("nesterov needs momentum > 0")
         if self.importance_after < 0 or self.sr_from < self.importance_after:
@@ -233,7 +239,7 @@ DEFAULTS: dict[str, dict[str, dict]] = {
 # after the first check (engine._update_mode). eps stays the dataset's: the authors say to retune it.
 PAPER_COMMON = dict(schedule="paper", deletion="ce", bn="train", mix_weight=0.0, pgd_step=0.1, pgd_iters=100,
                     pgd_early_exit=False, max_epochs=100, proxy_labels="target", train_from="stem", precision="fp32",
-                    lr_decay=1.0, warmup_steps=0, nesterov=False)  # their learning rates stay constant
+                    lr_decay=1.0, late_lr=1.0, warmup_steps=0, nesterov=False)  # their learning rates stay constant
 PAPER_SCHEDULE: dict[str, dict] = {
     "neggrad": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),
     "adv": dict(PAPER_COMMON, lr=0.001, momentum=0.9, weight_decay=1e-4),

@@ -284,15 +284,40 @@ def test_stop_margin_runs_on_until_every_image_is_that_far_past_the_boundary(mod
         _config("neggrad", stop_margin=-0.1)
 
 
-@pytest.mark.parametrize("mix_weight, lr, polish, restored", [(None, 0.002, 6, False), (2.0, 0.001, 30, True)])
-def test_polish_steps_go_on_past_the_stop_and_return_a_forgotten_state(model, forget, mix_weight, lr, polish,
-                                                                        restored):
-    """Past the stop the run goes on; a strong mixture pull brings an image back (the second case), and the run
-    then returns the last state in which every forget image was misclassified."""
+def test_late_lr_lowers_the_rate_from_the_first_check_at_or_under_late_below(model, forget):
+    _, x, y = forget
+    settings = dict(lr=0.0005, max_epochs=200)
+    plain = run_unlearning(model, x, y, 10, _config("neggrad", **settings))
+    assert "late_lr_from" not in plain.extra  # late_lr 1: off
+    first = next(h["step"] for h in plain.history if h["forget_acc"] is not None and h["forget_acc"] <= 90)
+    assert 0 < first < plain.steps
+    late = run_unlearning(model, x, y, 10, _config("neggrad", **settings, late_lr=0.5, late_below=90.0))
+    assert late.stop_reason == "forgotten" and late.extra["late_lr_from"] == first
+    # the same weights until the step after that check, which moves at half the rate
+    assert [h["loss"] for h in late.history[:first + 2]] == [h["loss"] for h in plain.history[:first + 2]]
+    assert late.history[first + 2]["loss"] != plain.history[first + 2]["loss"]
+    with torch.no_grad():
+        assert (late.model(x).argmax(1) != y).all()
+    for bad, match in [(dict(late_lr=0.0), "late_lr must be in"), (dict(late_lr=1.5), "late_lr must be in"),
+                       (dict(late_below=101.0), "late_below must be a forget accuracy")]:
+        with pytest.raises(ValueError, match=match):
+            _config("neggrad", **bad)
+
+
+@pytest.mark.parametrize("mix_weight, lr, restored", [(None, 0.002, False), (2.0, 0.001, True)])
+def test_polish_steps_go_on_past_the_stop_and_return_a_forgotten_state(model, forget, mix_weight, lr, restored):
+    """Past the stop the run goes on; a strong mixture pull brings an image back (the second case), and a run whose
+    last polish step ends with one back returns the last state in which every forget image was misclassified."""
     _, x, y = forget
     settings = dict(lr=lr, max_epochs=200, mix_weight=mix_weight)
     plain = run_unlearning(model, x, y, 10, _config("adv", **settings))
     assert plain.stop_reason == "forgotten" and "polish" not in plain.extra
+    polish = 6
+    if restored:  # end the polish at a step with an image back: where that happens depends on the CPU's rounding
+        probe = run_unlearning(model, x, y, 10, _config("adv", **settings, polish_steps=30))
+        back = [h["step"] for h in probe.history[plain.steps + 1:] if h["forget_acc"] > 0]
+        assert back, "the mixture pull brought no forget image back within 30 polish steps"
+        polish = back[0] - plain.steps
     frames: list[tuple[int, torch.Tensor]] = []
     polished = run_unlearning(model, x, y, 10, _config("adv", **settings, polish_steps=polish),
                               callbacks=Callbacks(on_snapshot=lambda s, f: frames.append((s, f)), snapshot_inputs=x))

@@ -17,6 +17,12 @@ FIELDS: list[tuple[str, str, str]] = [
     ("lr_decay", "Learning-rate decay per pass", "The learning rate is multiplied by this after every pass over "
                                                  "the proxy set (1 = constant). It damps the back and forth of the "
                                                  "last forget images (docs/METHOD.md, v13)."),
+    ("late_lr", "Late learning-rate factor", "Once forget accuracy has fallen to the threshold below, the learning "
+                                             "rate is multiplied by this (1 = off). Smaller steps near the end keep "
+                                             "the last forget images from swinging the model back and forth "
+                                             "(docs/METHOD.md, v20)."),
+    ("late_below", "Late factor from forget accuracy (%)", "The forget accuracy at or under which the late "
+                                                           "learning-rate factor starts."),
     ("projector_lr", "Learning rate (projector)", "StructGuard only: step size of the projector p_w. 0 keeps it the "
                                                    "identity it starts as (the default: it keeps more accuracy, "
                                                    "docs/METHOD.md)."),
@@ -55,7 +61,7 @@ FIELDS: list[tuple[str, str, str]] = [
 PROXY_FIELDS = ("n_adv", "eps", "pgd_iters", "pgd_step", "mix_weight", "mix_pairs")  # methods with proxies only
 INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size", "polish_steps"}
 CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
-RANGES = {"lr_decay": (0.01, 1.0)}  # (min, max) where 0 is not a valid value
+RANGES = {"lr_decay": (0.01, 1.0), "late_lr": (0.01, 1.0), "late_below": (0.0, 100.0)}  # (min, max) where bounded
 ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
              ("sr", "SR: importance regulariser", "Penalise changes of weights that matter for the alignment."),
              ("cr", "CR: classifier regulariser", "L1 + L2 penalty on the final linear layer.")]
