@@ -46,8 +46,9 @@ def test_t95_is_students_quantile_beyond_the_table():
 def test_variants_parse_and_refuse_unknown():
     assert _variant("structguard:paper") == ("structguard", {"schedule": "paper"})
     assert _variant("structguard:no-sr") == ("structguard", {"sr": False})
-    assert set(VARIANTS) == {"", "paper", "no-sa", "no-sr", "no-cr", "no-mix"}
+    assert set(VARIANTS) == {"", "paper", "no-sa", "no-sr", "no-cr", "no-mix", "polish"}
     assert _variant("adv:no-mix") == ("adv", {"mix_weight": 0.0})
+    assert _variant("structguard:polish") == ("structguard", {"polish_steps": 100})
     with pytest.raises(UnlearnError, match="unknown bench entry"):
         _variant("structguard:fast")
 
