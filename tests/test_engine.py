@@ -1222,6 +1222,9 @@ def test_each_ablation_changes_the_result(switch, model, forget, anchors):
     assert diff > 1e-6, f"turning {switch.upper()} off changed nothing"
 
 
+LATE_AT_128 = ("adv", "l2ul", "structguard")
+
+
 def test_paper_schedule_is_the_authors_loop(model, forget, anchors):
     cfg = default_config("structguard", "fashion-mnist", k=8, schedule="paper", max_epochs=3, pgd_iters=2, n_adv=8,
                          batch_size=16)
@@ -1236,6 +1239,11 @@ def test_paper_schedule_is_the_authors_loop(model, forget, anchors):
         assert default_config(method, "fashion-mnist", k=32).mix_weight > 0
         assert default_config(method, "fashion-mnist", k=32, schedule="paper").mix_weight == 0
     assert default_config("neggrad", "fashion-mnist", k=32).mix_weight == 0
+    for method in METHODS:  # the late halving of the rate is ours too: k=128's proxy methods, never the authors'
+        want = 0.5 if method in LATE_AT_128 else 1.0
+        assert default_config(method, "fashion-mnist", k=128).late_lr == want
+        assert default_config(method, "fashion-mnist", k=32).late_lr == 1.0
+        assert default_config(method, "fashion-mnist", k=128, schedule="paper").late_lr == 1.0
     assert default_config("structguard", "fashion-mnist", k=8).precision == "auto"
     assert default_config("adv", "fashion-mnist", k=8).precision == "fp32"
     for method in METHODS:  # at k=32 StructGuard and Adv compute in bfloat16 where native; the authors' loop in fp32
