@@ -356,11 +356,12 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
     return outcome
 
 
-def lr_scale(config: UnlearnConfig, step: int, steps_per_epoch: int) -> float:
+def lr_scale(config: UnlearnConfig, step: int, steps_per_epoch: int, late: bool = False) -> float:
     """The learning-rate schedule's factor for update step `step` (0-based): a linear warm-up over
-    `warmup_steps`, then `lr_decay` once per pass. Exactly 1.0 by default (constant rate)."""
+    `warmup_steps`, then `lr_decay` once per pass, times `late_lr` once the run is `late` (forget accuracy has
+    fallen to late_below). Exactly 1.0 by default (constant rate)."""
     warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    return warm * config.lr_decay ** (step // steps_per_epoch)
+    return warm * config.lr_decay ** (step // steps_per_epoch) * (config.late_lr if late else 1.0)
 
 
 def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.Tensor, y_forget: torch.Tensor,
@@ -479,7 +480,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                                    "lower the learning rate or the regulariser weight and run again")
             opt.zero_grad()
             loss.backward()
-            opt.lr_scale = lr_scale(config, step, steps_per_epoch) * (config.late_lr if late["from"] is not None else 1)
+            opt.lr_scale = lr_scale(config, step, steps_per_epoch, late=late["from"] is not None)
             opt.step()
             step += 1
             cb.check_cancel("the update steps")
