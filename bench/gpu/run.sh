@@ -8,8 +8,10 @@
 # Every phase has a deadline, so whatever finished comes back under $OUT. A later session reruns part of it:
 #   RETRAIN="" SPEED_S=0 KS=128 METHODS="adv l2ul" bash bench/gpu/run.sh   (no retrain, no speed, two bench rows)
 #   RETRAIN="" SPEED_S=0 METHODS=none bash bench/gpu/run.sh                  (the CUDA tests alone)
+#   TAG=h100 names the files for an H100.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/logs
+TAG=${TAG:-h200}  # the card, in the names of the files that come back (h100 or h200)
 LOG=$OUT/log.txt
 source bench/gpu/env.sh
 t0=$(date +%s)
@@ -45,7 +47,7 @@ fi
 
 if [ "$SPEED_S" -gt 0 ]; then
 stamp "speed (deadline ${SPEED_S} s)"
-timeout "$SPEED_S" python3 bench/speed.py --repeats 3 --no-dashboard --out "$OUT/speed-k32-h200.md" \
+timeout "$SPEED_S" python3 bench/speed.py --repeats 3 --no-dashboard --out "$OUT/speed-k32-$TAG.md" \
   > /tmp/logs/speed.out 2>&1 || { echo "speed failed:"; tail -n 30 /tmp/logs/speed.out; } >> "$LOG"
 stamp "speed done"
 fi
@@ -56,7 +58,7 @@ stamp "bench: $METHODS at k=$KS, one process each, at once (deadline ${BENCH_S} 
 for m in $METHODS; do
   n=${m/:/-}
   OMP_NUM_THREADS=2 timeout "$BENCH_S" python3 -m core bench --methods "$m" --ks "$KS" --seeds 0,1,2 \
-    --backend local --jsonl "$OUT/bench-h200.jsonl" --runs-dir "/tmp/runs/$n" --out "/tmp/logs/bench-$n.md" \
+    --backend local --jsonl "$OUT/bench-$TAG.jsonl" --runs-dir "/tmp/runs/$n" --out "/tmp/logs/bench-$n.md" \
     > "/tmp/logs/bench-$n.out" 2>&1 &
 done
 wait
