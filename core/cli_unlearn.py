@@ -26,8 +26,7 @@ if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported whe
 
 CONFIG_FLAGS = ("lr", "lr_decay", "late_lr", "late_below", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters",
                 "n_adv", "batch_size", "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin",
-                "stop_margin", "polish_steps", "retain_every", "dual_lr", "bn", "mix_weight", "mix_pairs", "train_from",
-                "precision")
+                "stop_margin", "polish_steps", "dual_lr", "bn", "mix_weight", "mix_pairs", "train_from", "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
            "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
@@ -49,9 +48,6 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
         "polish_steps": "once every forget image is misclassified, go on this many steps and return the last state "
                         "in which every one still was (default 0: stop there; 100 kept +0.54 points of held-out "
                         "retained accuracy at k=32 in 1.9x the steps, docs/METHOD.md v19)",
-        "retain_every": "Adv, L2UL, StructGuard: send the proxies and mixtures through the network every this "
-                        "many steps and reuse the gradient of their terms in the steps between (default 1: every "
-                        "step; docs/METHOD.md v21)",
         "train_from": "first ResNet stage the run updates; the ones before keep the original weights and run once "
                       "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",

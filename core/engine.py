@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -420,11 +419,6 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         stop_reason = "forgotten"
     pending: dict | None = None  # the last step's record while its forget accuracy waits for the next forward
     defer = _can_defer(ctx, len(x_forget))
-    # retain_every > 1: the retention terms' gradient is computed on every retain_every-th step and reused between
-    split = recipe.needs_proxy and (config.retain_every > 1 or bool(os.environ.get("SPLIT1")))
-    params = [p for p in live.parameters() if p.requires_grad]
-    retain_terms: dict[str, torch.Tensor] = {}
-    retain_grads: tuple[torch.Tensor | None, ...] = ()
     polish: dict[str, Any] = {}  # once the stop rule is first met: where, until when, the last weights that met it
     late = {"from": None}  # the step whose check first saw forget accuracy <= late_below (late_lr from then on)
 
@@ -470,10 +464,6 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             else:
                 batch = Batch(rows_forget[rows], y_forget[rows], f_idx=rows)
             ctx.step = step
-            fresh = split and step % config.retain_every == 0  # this step sends the retention rows through
-            if split:  # the forget side now; the retention side after the check, and only on fresh steps
-                retain_side = Batch(None, None, batch.x_a, batch.y_a, batch.a_idx, n_f=batch.n_f)
-                batch = Batch(batch.x_f, batch.y_f, f_idx=batch.f_idx, n_a=batch.n_a)
             with trunk_dtype(ctx.state["trunk_dtype"]):
                 terms = recipe.losses(ctx, batch)
             if pending is not None:  # this forward saw every forget image with the last step's weights
@@ -483,33 +473,13 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
                 if done(met):
                     stop_reason = "forgotten"
                     break
-            if fresh:
-                with trunk_dtype(ctx.state["trunk_dtype"]):
-                    retain_terms = recipe.losses(ctx, retain_side)
-            every = {**terms, **retain_terms} if split else terms  # the reused terms as last computed
-            loss = torch.stack(list(every.values())).sum()
+            loss = torch.stack(list(terms.values())).sum()
             if not torch.isfinite(loss):
-                bad = {k: float(v.detach()) for k, v in every.items()}
+                bad = {k: float(v.detach()) for k, v in terms.items()}
                 raise UnlearnError(f"the loss became {float(loss.detach())} at step {step + 1} (terms {bad}); "
                                    "lower the learning rate or the regulariser weight and run again")
             opt.zero_grad()
-            if fresh:
-                retain_grads = torch.autograd.grad(torch.stack(list(retain_terms.values())).sum(), params,
-                                                   allow_unused=True)
-                retain_terms = {k: v.detach() for k, v in retain_terms.items()}  # their graph is spent
-            if split and not fresh and os.environ.get("DEBUG_RE"):
-                with trunk_dtype(ctx.state["trunk_dtype"]):
-                    rt = recipe.losses(ctx, retain_side)
-                gg = torch.autograd.grad(torch.stack(list(rt.values())).sum(), params, allow_unused=True)
-                a = torch.cat([g.flatten() for g in gg if g is not None]); b_ = torch.cat([g.flatten() for g in retain_grads if g is not None])
-                print(step, "cos", float(torch.nn.functional.cosine_similarity(a, b_, dim=0)), "norm", float(a.norm()), float(b_.norm()), {k: round(float(v), 3) for k, v in rt.items()})
-            if split:
-                torch.stack(list(terms.values())).sum().backward()
-                for p, g in zip(params, retain_grads, strict=True):
-                    if g is not None:
-                        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-            else:
-                loss.backward()
+            loss.backward()
             opt.lr_scale = lr_scale(config, step, steps_per_epoch, late=late["from"] is not None)
             opt.step()
             step += 1
@@ -517,7 +487,7 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
             # The authors skip the check during the first pass (a random projector would stop the run at once).
             checked = checked or step > steps_per_epoch
             record = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
-                      "terms": {k: float(v.detach()) for k, v in every.items()}}
+                      "terms": {k: float(v.detach()) for k, v in terms.items()}}
             if due(step):
                 snapshot(step)
             if checked and step < max_steps and defer:

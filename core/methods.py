@@ -68,8 +68,6 @@ class UnlearnConfig:
                                       # (0: once every one is misclassified, the default)
     polish_steps: int = 0             # once the stop rule is met, go on this many steps and return the last state in
                                       # which it was met (the retention terms keep working; docs/METHOD.md v19)
-    retain_every: int = 1             # proxy methods: the retention terms' rows (proxies, mixtures) go through the
-                                      # network every this many steps; the steps between reuse their gradient
     deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
                                       # or "prediction" (through the projector, where forgetting is checked)
     bn: str = "frozen"                # backbone BatchNorm during updates: "frozen" (eval) or "train"
@@ -124,8 +122,6 @@ class UnlearnConfig:
             raise ValueError(f"sr_quantile must be in (0, 1], got {self.sr_quantile!r}")
         if not (isinstance(self.polish_steps, int) and self.polish_steps >= 0):
             raise ValueError(f"polish_steps must be a whole number >= 0, got {self.polish_steps!r}")
-        if not (isinstance(self.retain_every, int) and self.retain_every >= 1):
-            raise ValueError(f"retain_every must be a whole number >= 1, got {self.retain_every!r}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
         if not (isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1):
@@ -339,11 +335,6 @@ def jointly(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
     return list(fn(torch.cat(batches)).split([len(x) for x in batches]))
 
 
-def present(*batches: torch.Tensor | None) -> list[torch.Tensor]:
-    """The batches a step has (a step computed in two calls has either its forget rows or its proxies)."""
-    return [x for x in batches if x is not None]
-
-
 def weighted_l2_penalty(model: nn.Module, reference: dict[str, torch.Tensor],
                         weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """1/2 sum_i w_i (psi_i - psi0_i)^2 over the named parameters in `weights`."""
@@ -410,27 +401,17 @@ def forget_term(ctx: Context, b: Batch, logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Batch:
-    """One update step's rows. With retain_every > 1 a step is asked for in two calls, its forget rows alone (x_a
-    None; the deletion term and the terms on the parameters) and its proxies alone (x_f None; the retention terms,
-    whose gradient the next steps reuse); n_f and n_a then carry the other side's size, so w_f and w_a stay the
-    whole step's."""
-
-    x_f: torch.Tensor | None
-    y_f: torch.Tensor | None
+    x_f: torch.Tensor
+    y_f: torch.Tensor
     x_a: torch.Tensor | None = None
     y_a: torch.Tensor | None = None
     a_idx: torch.Tensor | None = None  # rows of the proxy set in this batch
     f_idx: torch.Tensor | None = None  # rows of the forget set in this batch
-    n_f: int = 0  # forget rows of the whole step (default: len(x_f))
-    n_a: int = 0  # proxies of the whole step (default: len(x_a), 0 without)
-
-    def __post_init__(self) -> None:
-        self.n_f = self.n_f or (0 if self.x_f is None else len(self.x_f))
-        self.n_a = self.n_a or (0 if self.x_a is None else len(self.x_a))
 
     @property
     def w_f(self) -> float:
-        return self.n_f / (self.n_f + self.n_a)
+        n_a = 0 if self.x_a is None else len(self.x_a)
+        return len(self.x_f) / (len(self.x_f) + n_a)
 
     @property
     def w_a(self) -> float:
@@ -505,15 +486,12 @@ class Adv(Method):
     summary = "ascent on the forget set + descent on adversarial proxies"
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
-        mix = mixture_batch(ctx) if ctx.config.mix_weight > 0 and b.x_a is not None else None
-        logits = iter(jointly(ctx.model, ctx.model, *present(b.x_f, b.x_a, mix and mix[0])))
-        terms = {}
-        if b.x_f is not None:
-            terms["del"] = b.w_f * forget_term(ctx, b, next(logits))
-        if b.x_a is not None:
-            terms["ret"] = b.w_a * F.cross_entropy(next(logits), b.y_a)
+        mix = mixture_batch(ctx) if ctx.config.mix_weight > 0 else None
+        logits = jointly(ctx.model, ctx.model, b.x_f, b.x_a, *([mix[0]] if mix else []))
+        terms = {"del": b.w_f * forget_term(ctx, b, logits[0]),
+                 "ret": b.w_a * F.cross_entropy(logits[1], b.y_a)}
         if mix:
-            terms["mix"] = ctx.config.mix_weight * mixture_kl(next(logits), mix[1])
+            terms["mix"] = ctx.config.mix_weight * mixture_kl(logits[2], mix[1])
         return terms
 
 
@@ -536,9 +514,7 @@ class L2UL(Adv):
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         terms = super().losses(ctx, b)
-        if b.x_f is not None:  # a term on the parameters: it goes with the forget rows, computed every step
-            terms["reg"] = ctx.config.lam * weighted_l2_penalty(ctx.model, ctx.state["reference"],
-                                                               ctx.state["weights"])
+        terms["reg"] = ctx.config.lam * weighted_l2_penalty(ctx.model, ctx.state["reference"], ctx.state["weights"])
         return terms
 
 
@@ -617,30 +593,27 @@ class StructGuard(Method):
 
     def losses(self, ctx: Context, b: Batch) -> dict[str, torch.Tensor]:
         m, c = ctx.model, ctx.config
-        mix = mixture_batch(ctx) if c.mix_weight > 0 and b.x_a is not None else None
+        mix = mixture_batch(ctx) if c.mix_weight > 0 else None
+        rest = [b.x_a, *([mix[0]] if mix else [])]  # through the projector
         # The paper's L_del bypasses the projector; the loop's stop rule checks the prediction path.
-        h_f = m.backbone_features(b.x_f) if c.deletion_path == "backbone" and b.x_f is not None else None
-        feats = iter(jointly(m, m.features, *present(b.x_f if h_f is None else None, b.x_a, mix and mix[0])))
-        terms = {}
-        if b.x_f is not None:
-            terms["del"] = b.w_f * forget_term(ctx, b, m.classify(next(feats) if h_f is None else h_f))
-        if b.x_a is not None:
-            f_adv = next(feats)
-            terms["ret"] = b.w_a * F.cross_entropy(m.classify(f_adv), b.y_a)
-            if c.sa:
-                s_unl = affinity(f_adv, ctx.R, ctx.anchors)
-                terms["align"] = c.sa_weight * (1 - F.cosine_similarity(self._s_ori(ctx)[b.a_idx], s_unl,
-                                                                        dim=1).mean())
-        if b.x_f is not None:  # the terms on the parameters go with the forget rows (computed every step)
-            if c.sr and ctx.step >= c.importance_after and "weights" not in ctx.state:
-                self.measure_importance(ctx)
-            if c.sr and ctx.step >= c.sr_from:
-                terms["reg"] = c.lam * weighted_l2_penalty(m.backbone, ctx.state["reference"], ctx.state["weights"])
-            if c.cr:
-                w = m.classifier_weight()
-                terms["cr"] = c.cr_weight * (0.99 * w.abs().sum() + 0.005 * w.pow(2).sum())
+        if c.deletion_path == "backbone":
+            h_f, (f_adv, *f_mix) = m.backbone_features(b.x_f), jointly(m, m.features, *rest)
+        else:
+            h_f, f_adv, *f_mix = jointly(m, m.features, b.x_f, *rest)
+        terms = {"del": b.w_f * forget_term(ctx, b, m.classify(h_f))}
+        terms["ret"] = b.w_a * F.cross_entropy(m.classify(f_adv), b.y_a)
+        if c.sa:
+            s_unl = affinity(f_adv, ctx.R, ctx.anchors)
+            terms["align"] = c.sa_weight * (1 - F.cosine_similarity(self._s_ori(ctx)[b.a_idx], s_unl, dim=1).mean())
+        if c.sr and ctx.step >= c.importance_after and "weights" not in ctx.state:
+            self.measure_importance(ctx)
+        if c.sr and ctx.step >= c.sr_from:
+            terms["reg"] = c.lam * weighted_l2_penalty(m.backbone, ctx.state["reference"], ctx.state["weights"])
+        if c.cr:
+            w = m.classifier_weight()
+            terms["cr"] = c.cr_weight * (0.99 * w.abs().sum() + 0.005 * w.pow(2).sum())
         if mix:
-            terms["mix"] = c.mix_weight * mixture_kl(m.classify(next(feats)), mix[1])
+            terms["mix"] = c.mix_weight * mixture_kl(m.classify(f_mix[0]), mix[1])
         return terms
 
 
