@@ -201,8 +201,8 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # but kept -1.30 A_r over eight sets (-2.06 on the four fresh ones). k=128 keeps the plain hinge with weight 5.
 # At k=128 the proxy methods halve their learning rate once forget accuracy is 5 % or less (late_lr, v20,
 # docs/METHOD.md): near the end a k=128 run swings by 3-11 points of A_r from one forgotten state to the next (v19),
-# and smaller steps there keep more. Held-out A_r against the default: StructGuard +1.66 [+0.35, +2.98] and Adv +2.35
-# [+0.17, +4.53] on seeds 112-119 (7 of 8 each), L2UL +3.00 on 112-115. A quarter of the rate left 2 of 8 sets
+# and smaller steps there keep more. Held-out A_r against the default on seeds 112-119: StructGuard +1.66 [+0.35, +2.98],
+# Adv +2.35 [+0.17, +4.53], L2UL +2.69 [+0.56, +4.83] (v21), 7 of 8 each. A quarter of the rate left 2 of 8 sets
 # 1.6 % recognised after 60 passes. NegGrad, which does not forget at k=128, keeps its constant rate.
 LATE128 = dict(late_lr=0.5, late_below=5.0)
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
