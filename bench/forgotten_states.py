@@ -119,6 +119,36 @@ def summary_row(res: dict) -> str:
             f"{min(a_r):.2f} / {sum(a_r) / len(a_r):.2f} / {max(a_r):.2f} | {a_r[-1]:.2f} | {cells[0]} | {cells[1]} |")
 
 
+def picks(res: dict, within: int) -> dict[str, float] | None:
+    """A_r of the state three stop rules would return, going on `within` steps past the first forgotten state: that
+    state itself, the last forgotten state of those steps, and the one with the lowest mixture KL (a score that
+    needs no retained data). None when the run never forgot."""
+    s = [x for x in res["states"] if x["step"] <= res["states"][0]["step"] + within] if res["states"] else []
+    if not s:
+        return None
+    return {"stop": s[0]["A_r"], "last": s[-1]["A_r"], "min_kl": min(s, key=lambda x: x["mix_kl"])["A_r"]}
+
+
+def picks_table(results: list[dict], windows: list[int]) -> list[str]:
+    """Mean A_r over the sets (and the mean gain over the stop) for each rule and window."""
+    lines = ["", "A_r of the state each rule returns, going on W steps past the first forgotten state (mean over the "
+             "sets that forgot; in brackets the mean gain over the first forgotten state, and on how many sets it "
+             "is higher):", "", "| W | sets | first forgotten | last forgotten within W | lowest mixture KL within W |",
+             "|---|---|---|---|---|"]
+    for w in windows:
+        rows = [r for r in (picks(res, w) for res in results) if r is not None]
+        if not rows:
+            continue
+        cell = {}
+        for rule in ("stop", "last", "min_kl"):
+            gains = [r[rule] - r["stop"] for r in rows]
+            mean = sum(r[rule] for r in rows) / len(rows)
+            cell[rule] = f"{mean:.2f}" if rule == "stop" else \
+                f"{mean:.2f} ({sum(gains) / len(gains):+.2f}, {sum(g > 0 for g in gains)} of {len(rows)})"
+        lines.append(f"| {w} | {len(rows)} | {cell['stop']} | {cell['last']} | {cell['min_kl']} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--method", default="structguard")
@@ -129,21 +159,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="{}", help="JSON object of UnlearnConfig overrides")
     p.add_argument("--jsonl", default=None, help="also append each set's states here")
     p.add_argument("--out", default="bench/results/forgotten-states.md")
+    p.add_argument("--picks", default="50,100,200,400", help="windows (steps) for the table of stop rules")
+    p.add_argument("--from-jsonl", default=None, help="no runs: the tables from the sets stored in this file "
+                   "(those of --method, --k and --config's overrides as stored)")
     args = p.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    windows = [int(w) for w in args.picks.split(",")]
     lines = [f"Command: `python bench/forgotten_states.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
              "| k | seed | stop step | A_r at the stop | forgotten states in the window | A_r min / mean / max "
              "| A_r at the last | rho(mixture KL, A_r) | rho(proxy CE, A_r) |", "|---|---|---|---|---|---|---|---|---|"]
-    for seed in seeds:
+    results = []
+    if args.from_jsonl:
+        overrides = json.loads(args.config)
+        for line in Path(args.from_jsonl).read_text().splitlines():
+            res = json.loads(line)
+            if (res.get("method"), res["k"], res.get("config", {})) == (args.method, args.k, overrides) \
+                    and res["seed"] in seeds:
+                results.append(res)
+                lines.append(summary_row(res))
+    for seed in seeds if not args.from_jsonl else ():
         res = forgotten_states(args.method, args.k, seed, seeds, args.window, args.retain,
                                overrides=json.loads(args.config))
+        results.append(res)
         lines.append(summary_row(res))
         print(lines[-1], flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as f:
-                f.write(json.dumps(dict(res, method=args.method)) + "\n")
-    return publish(args.out, lines)
+                f.write(json.dumps(dict(res, method=args.method, config=json.loads(args.config))) + "\n")
+    return publish(args.out, lines + picks_table(results, windows))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .cli import _data_args, _device_arg, check_model, command
 from .encoders import ENCODER_NAMES, EncoderError
 from .engine import Callbacks, UnlearnError
 from .forget_ids import read_forget_ids_file
-from .methods import METHODS, MIX_PAIRS, UnlearnConfig, default_config
+from .methods import METHODS, MIX_PAIRS, POLISH_PICKS, UnlearnConfig, default_config
 from .models import PRECISIONS, STAGES
 
 if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported where a run needs it
@@ -26,10 +26,11 @@ if TYPE_CHECKING:  # core.pipeline (the audit stack, data, runs) is imported whe
 
 CONFIG_FLAGS = ("lr", "lr_decay", "late_lr", "late_below", "projector_lr", "momentum", "eps", "pgd_step", "pgd_iters",
                 "n_adv", "batch_size", "lam", "max_epochs", "projector_init", "schedule", "deletion", "margin",
-                "stop_margin", "polish_steps", "dual_lr", "bn", "mix_weight", "mix_pairs", "train_from", "precision")
+                "stop_margin", "polish_steps", "polish_pick", "dual_lr", "bn", "mix_weight", "mix_pairs", "train_from",
+                "precision")
 CHOICES = {"schedule": ("ours", "paper"), "deletion": ("hinge_dual", "hinge", "hinge_active", "masked_ce", "ce"),
            "bn": ("frozen", "train"), "projector_init": ("identity", "random"), "train_from": STAGES,
-           "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
+           "precision": PRECISIONS, "mix_pairs": MIX_PAIRS, "polish_pick": POLISH_PICKS}
 HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the authors' loop: CE ascent, "
                     "train-mode BN, random projector, their budgets and learning rates)",
         "deletion": "deletion term: hinge_dual (the bounded hinge, its push moved to the images that resist), "
@@ -48,6 +49,9 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
         "polish_steps": "once every forget image is misclassified, go on this many steps and return the last state "
                         "in which every one still was (default 0: stop there; 100 kept +0.54 points of held-out "
                         "retained accuracy at k=32 in 1.9x the steps, docs/METHOD.md v19)",
+        "polish_pick": "with --polish-steps, which state in which every forget image was misclassified the run "
+                       "returns: last (default) or mix_kl (the one whose answers on fresh mixtures of forget images "
+                       "are closest to the original's; docs/METHOD.md v21)",
         "train_from": "first ResNet stage the run updates; the ones before keep the original weights and run once "
                       "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",

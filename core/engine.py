@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -25,6 +26,7 @@ from .methods import (
     get_method,
     mixture_pool,
     original_proxy_features,
+    pick_mixtures,
     true_and_best_other,
 )
 from .models import ResNet, compute_dtype, freeze_before, load_weights, model_from_card, precision_name, trunk_dtype
@@ -343,6 +345,12 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
             ctx.state["steps_proxy"] = ctx.x_adv.to(dtype)
         if "mix_pool" in ctx.state:
             ctx.state["steps_mix"] = ctx.state["mix_pool"].to(dtype)
+    if config.polish_steps > 0 and config.polish_pick == "mix_kl":  # the original's answers, float32
+        mixtures = pick_mixtures(x_forget, config, y_forget)
+        with torch.no_grad():
+            answers = F.log_softmax(torch.cat([original(mixtures[i:i + 512]) for i in range(0, len(mixtures), 512)]),
+                                    1)
+        ctx.state["pick"] = (_encode(original, mixtures, entry, cb), answers)
     z_snap = None
     if cb.on_snapshot and cb.snapshot_inputs is not None:
         z_snap = _encode(original, cb.snapshot_inputs.to(device), entry, cb)
@@ -422,9 +430,19 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     polish: dict[str, Any] = {}  # once the stop rule is first met: where, until when, the last weights that met it
     late = {"from": None}  # the step whose check first saw forget accuracy <= late_below (late_lr from then on)
 
+    def pick_score() -> float:
+        """KL(original || live) on the pick mixtures: how far the weights have moved from the original's answers
+        between the forget images."""
+        rows, answers = ctx.state["pick"]
+        live.eval()
+        with torch.no_grad(), trunk_dtype(ctx.state["trunk_dtype"]):
+            logits = torch.cat([live(rows[i:i + 512]) for i in range(0, len(rows), 512)]).float()
+        _update_mode(live, config, checked=True)
+        return float(F.kl_div(F.log_softmax(logits, 1), answers, log_target=True, reduction="batchmean"))
+
     def done(met: bool) -> bool:
         """Whether the run stops after this check: once the stop rule is met, or with polish_steps, once that many
-        more steps are taken (the last state that met the rule is kept and returned)."""
+        more steps are taken (the state that met the rule which polish_pick prefers is kept and returned)."""
         if config.polish_steps <= 0:
             return met
         if met and not polish:
@@ -432,7 +450,10 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         if not polish:
             return False
         if met:
-            polish.update(kept=step, weights={k: v.detach().clone() for k, v in live.state_dict().items()})
+            score = pick_score() if "pick" in ctx.state else None
+            if score is None or score < polish.get("score", math.inf):
+                polish.update(kept=step, score=score,
+                              weights={k: v.detach().clone() for k, v in live.state_dict().items()})
         return step >= polish["until"]
 
     def finish(record: dict, acc: float | None) -> None:
@@ -518,7 +539,8 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
     if late["from"] is not None:
         extra["late_lr_from"] = late["from"]
     if polish:
-        extra["polish"] = {"from": polish["start"], "until": polish["until"], "returned": polish["kept"]}
+        extra["polish"] = {"from": polish["start"], "until": polish["until"], "returned": polish["kept"],
+                           "pick": config.polish_pick, "score": polish["score"]}
     return Outcome(live, history, timings, stop_reason, step, None, extra)
 
 

@@ -23,6 +23,7 @@ from .models import PRECISIONS, STAGES, trunk_dtype
 from .sgd import SGD
 
 MIX_PAIRS = ("any", "distinct", "cross")  # UnlearnConfig.mix_pairs (mixture_pool)
+POLISH_PICKS = ("last", "mix_kl")  # UnlearnConfig.polish_pick
 
 
 @dataclass
@@ -68,6 +69,8 @@ class UnlearnConfig:
                                       # (0: once every one is misclassified, the default)
     polish_steps: int = 0             # once the stop rule is met, go on this many steps and return the last state in
                                       # which it was met (the retention terms keep working; docs/METHOD.md v19)
+    polish_pick: str = "last"         # which state that met it: "last", or "mix_kl" (the one whose answers on fresh
+                                      # mixtures of forget images are closest to the original's; docs/METHOD.md v21)
     deletion_path: str = "prediction" # StructGuard's L_del: "backbone" (bypasses the projector, the paper)
                                       # or "prediction" (through the projector, where forgetting is checked)
     bn: str = "frozen"                # backbone BatchNorm during updates: "frozen" (eval) or "train"
@@ -114,7 +117,8 @@ class UnlearnConfig:
                    "bn": ("frozen", "train"),
                    "mix_pairs": MIX_PAIRS,
                    "deletion_path": ("backbone", "prediction"), "importance": ("per_sample", "batch"),
-                   "proxy_labels": ("target", "original"), "train_from": STAGES, "precision": PRECISIONS}
+                   "proxy_labels": ("target", "original"), "train_from": STAGES, "precision": PRECISIONS,
+                   "polish_pick": POLISH_PICKS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -201,9 +205,9 @@ CIFAR100 = dict(n_adv=200, eps=1.0)
 # but kept -1.30 A_r over eight sets (-2.06 on the four fresh ones). k=128 keeps the plain hinge with weight 5.
 # At k=128 the proxy methods halve their learning rate once forget accuracy is 5 % or less (late_lr, v20,
 # docs/METHOD.md): near the end a k=128 run swings by 3-11 points of A_r from one forgotten state to the next (v19),
-# and smaller steps there keep more. Held-out A_r against the default on seeds 112-119: StructGuard +1.66 [+0.35, +2.98],
-# Adv +2.35 [+0.17, +4.53], L2UL +2.69 [+0.56, +4.83] (v21), 7 of 8 each. A quarter of the rate left 2 of 8 sets
-# 1.6 % recognised after 60 passes. NegGrad, which does not forget at k=128, keeps its constant rate.
+# and smaller steps there keep more. Held-out A_r against the default on seeds 112-119: StructGuard +1.66 [+0.35,
+# +2.98], Adv +2.35 [+0.17, +4.53], L2UL +2.69 [+0.56, +4.83] (v21), 7 of 8 each. A quarter of the rate left 2 of 8
+# sets 1.6 % recognised after 60 passes. NegGrad, which does not forget at k=128, keeps its constant rate.
 LATE128 = dict(late_lr=0.5, late_below=5.0)
 V4 = dict(deletion="hinge_dual", dual_lr=0.2, train_from="layer2")
 MIX32 = dict(mix_weight=4.0, mix_pairs="distinct")
@@ -640,6 +644,17 @@ def mixture_pool(x_forget: torch.Tensor, config: UnlearnConfig, y_forget: torch.
         j = torch.stack([others[a][int(v * len(others[a]))] for a, v in zip(i.tolist(), u.tolist(), strict=True)])
     lam = (0.3 + 0.4 * torch.rand(n, generator=g)).to(x_forget.device).view(-1, *[1] * (x_forget.dim() - 1))
     return lam * x_forget[i.to(x_forget.device)] + (1 - lam) * x_forget[j.to(x_forget.device)]
+
+
+PICK_MIXTURES = 256  # fresh mixtures that score the polish steps' forgotten states (polish_pick="mix_kl")
+
+
+def pick_mixtures(x_forget: torch.Tensor, config: UnlearnConfig, y_forget: torch.Tensor | None = None) -> torch.Tensor:
+    """The mixtures on which polish_pick="mix_kl" compares a run's forgotten states with the original: two distinct
+    forget images each, drawn apart from the training mixtures (another seed), so the score is not what the
+    mixture term pulls on. Data-free, like the rest of the setting."""
+    other = dataclasses.replace(config, seed=config.seed + 999, mix_pairs="distinct", mix_batch=PICK_MIXTURES)
+    return mixture_pool(x_forget, other, y_forget)[:PICK_MIXTURES]
 
 
 def mixture_batch(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:

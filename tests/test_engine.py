@@ -51,6 +51,7 @@ from core.methods import (
     L2UL,
     METHODS,
     PAPER_SCHEDULE,
+    PICK_MIXTURES,
     Batch,
     Context,
     StructGuard,
@@ -60,6 +61,7 @@ from core.methods import (
     deletion_loss,
     forget_term,
     per_sample_abs_grad_mean,
+    pick_mixtures,
 )
 from core.metrics import dimensional_alignment, knn_overlap, linear_cka
 from core.models import native_bf16, trunk_dtype
@@ -335,6 +337,37 @@ def test_polish_steps_go_on_past_the_stop_and_return_a_forgotten_state(model, fo
         assert torch.allclose(frames[-1][1], polished.model.features(x), atol=1e-5)
     with pytest.raises(ValueError, match="polish_steps must be a whole number >= 0"):
         _config("adv", polish_steps=-1)
+
+
+def test_polish_pick_mix_kl_returns_the_forgotten_state_closest_to_the_original_on_fresh_mixtures(model, forget):
+    """The same trajectory as polish_pick="last"; of the states that met the stop rule it returns the one with the
+    lowest KL(original || live) on pick_mixtures, which is no higher than the plain stop's or the last state's."""
+    _, x, y = forget
+    settings = dict(lr=0.001, max_epochs=200, mix_weight=2.0, polish_steps=30)
+    runs_ = {pick: run_unlearning(model, x, y, 10, _config("adv", **settings, polish_pick=pick))
+             for pick in ("last", "mix_kl")}
+    plain = run_unlearning(model, x, y, 10, _config("adv", **dict(settings, polish_steps=0)))
+    last, kl = runs_["last"], runs_["mix_kl"]
+    assert [h["loss"] for h in kl.history] == [h["loss"] for h in last.history]  # the pick only chooses the state
+    info = kl.extra["polish"]
+    assert info["pick"] == "mix_kl" and last.extra["polish"]["score"] is None
+    assert kl.history[info["returned"]]["forget_acc"] == 0.0
+    mixtures = pick_mixtures(x, _config("adv", **settings), y)
+    assert len(mixtures) == PICK_MIXTURES
+
+    def score(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(m(mixtures), 1), F.log_softmax(model(mixtures), 1),
+                                  log_target=True, reduction="batchmean"))
+
+    assert score(kl.model) == pytest.approx(info["score"], rel=1e-4, abs=1e-6)
+    assert score(kl.model) <= score(plain.model) + 1e-6 and score(kl.model) <= score(last.model) + 1e-6
+    forgotten = [h["step"] for h in last.history if h["step"] >= info["from"] and h["forget_acc"] == 0.0]
+    assert len(forgotten) > 2 and info["returned"] in forgotten
+    with torch.no_grad():
+        assert (kl.model(x).argmax(1) != y).all()
+    with pytest.raises(ValueError, match="polish_pick must be one of"):
+        _config("adv", polish_pick="best")
 
 
 @pytest.mark.parametrize("method", ["adv", "l2ul", "structguard"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from bench.forgotten_states import forgotten_states, spearman, summary_row
+from bench.forgotten_states import forgotten_states, picks, picks_table, spearman, summary_row
 from bench.tune import context
 from core.engine import run_unlearning
 from core.methods import default_config
@@ -43,3 +43,17 @@ def test_the_first_forgotten_state_is_the_default_runs_stop():
     assert all(0 <= s["A_r"] <= 100 and s["mix_kl"] >= 0 and s["proxy_ce"] >= 0 for s in states)
     row = summary_row(res).split(" | ")
     assert row[2:5] == [str(plain.steps), f"{states[0]['A_r']:.2f}", str(len(states))]
+
+
+def test_the_stop_rules_pick_within_the_window():
+    states = [{"step": 10, "A_r": 70.0, "mix_kl": 0.30}, {"step": 40, "A_r": 75.0, "mix_kl": 0.10},
+              {"step": 90, "A_r": 72.0, "mix_kl": 0.20}, {"step": 300, "A_r": 80.0, "mix_kl": 0.05}]
+    res = {"states": states}
+    assert picks(res, 0) == {"stop": 70.0, "last": 70.0, "min_kl": 70.0}
+    assert picks(res, 80) == {"stop": 70.0, "last": 72.0, "min_kl": 75.0}  # step 90 is 80 steps past the stop
+    assert picks(res, 290) == {"stop": 70.0, "last": 80.0, "min_kl": 80.0}
+    assert picks({"states": []}, 100) is None
+    other = {"states": [{"step": 5, "A_r": 60.0, "mix_kl": 0.1}, {"step": 20, "A_r": 58.0, "mix_kl": 0.2}]}
+    row = picks_table([res, other, {"states": []}], [80])[-1]
+    # stop: (70 + 60) / 2; last: (72 + 58) / 2, gains +2 and -2; lowest KL: (75 + 60) / 2, gains +5 and 0
+    assert row == "| 80 | 2 | 65.00 | 65.00 (+0.00, 1 of 2) | 67.50 (+2.50, 1 of 2) |"

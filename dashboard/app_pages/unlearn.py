@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.methods import METHODS, MIX_PAIRS, default_config, tuned_k
+from core.methods import METHODS, MIX_PAIRS, POLISH_PICKS, default_config, tuned_k
 from core.models import PRECISIONS, STAGES
 from core.runs import runs_root
 from dashboard import resources as R
@@ -35,6 +35,10 @@ FIELDS: list[tuple[str, str, str]] = [
                                      "last state in which every one still was (0 = stop at once). The retention "
                                      "terms keep working: 100 kept about half a point more at k=32, in twice the "
                                      "time."),
+    ("polish_pick", "Polish keeps", "With polish steps: which state in which every forget image was misclassified "
+                                    "the run returns. last: the last one; mix_kl: the one whose answers on fresh "
+                                    "blends of forget images are closest to the original model's (docs/METHOD.md, "
+                                    "v21)."),
     ("n_adv", "Adversarial variants per forget image", "Size of the proxy set that stands in for the retain data."),
     ("eps", "PGD radius ε (L2)", "How far the adversarial proxies may move from the forget images (pixel space)."),
     ("pgd_iters", "PGD iterations", "Attack steps per proxy batch; fewer is faster, weaker proxies."),
@@ -60,7 +64,7 @@ FIELDS: list[tuple[str, str, str]] = [
 ]
 PROXY_FIELDS = ("n_adv", "eps", "pgd_iters", "pgd_step", "mix_weight", "mix_pairs")  # methods with proxies only
 INT_FIELDS = {"max_epochs", "n_adv", "pgd_iters", "batch_size", "polish_steps"}
-CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS, "mix_pairs": MIX_PAIRS}
+CHOICE_FIELDS = {"train_from": STAGES, "precision": PRECISIONS, "mix_pairs": MIX_PAIRS, "polish_pick": POLISH_PICKS}
 RANGES = {"lr_decay": (0.01, 1.0), "late_lr": (0.01, 1.0), "late_below": (0.0, 100.0)}  # (min, max) where bounded
 ABLATIONS = [("sa", "SA: structure alignment", "Align proxy samples' anchor affinities with the original model's."),
              ("sr", "SR: importance regulariser", "Penalise changes of weights that matter for the alignment."),
