@@ -448,6 +448,9 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     polish = at.number_input(key="un_structguard_ours_k8_polish_steps")
     assert polish.label == "Polish steps" and polish.value == 0 and polish.min == 0
     polish.set_value(40).run()
+    keeps = at.selectbox(key="un_structguard_ours_k8_polish_pick")
+    assert keeps.label == "Polish keeps" and keeps.options == ["last", "mix_kl"] and keeps.value == "last"
+    keeps.set_value("mix_kl").run()
     next(b for b in at.button if b.label == "Start unlearning").click().run()
     no_exceptions(at)
     assert at.get("progress") and any(b.label == "Cancel" for b in at.button)
@@ -459,6 +462,7 @@ def test_unlearn_controls_start_and_open_audit(app_env, monkeypatch) -> None:
     assert req.config["sr"] is False and req.config["max_epochs"] == 3
     assert req.config["precision"] == "bf16" and req.config["train_from"] == "layer3"
     assert req.config["mix_pairs"] == "cross" and req.config["polish_steps"] == 40
+    assert req.config["polish_pick"] == "mix_kl"
     assert at.title[0].value == "Audit", ([e.value for e in at.error], [w.value for w in at.warning])
     from dashboard import jobs
 

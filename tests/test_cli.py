@@ -224,7 +224,8 @@ def test_unlearn_chain_with_parent(run_cli, tiny_setup, tmp_path: Path) -> None:
 
     (tmp_path / "more.txt").write_text("# second request\n2\n3\n")
     proc = run_cli(*_unlearn(tiny_setup, "--ids", str(tmp_path / "more.txt"), "--parent", str(first), "--json",
-                             "--precision", "bf16", "--eval-precision", "fp32", "--mix-pairs", "distinct"),
+                             "--precision", "bf16", "--eval-precision", "fp32", "--mix-pairs", "distinct",
+                             "--polish-steps", "2", "--polish-pick", "mix_kl"),
                    timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = Path(json.loads(proc.stdout)["run_dir"])
@@ -234,6 +235,7 @@ def test_unlearn_chain_with_parent(run_cli, tiny_setup, tmp_path: Path) -> None:
     assert meta["config"]["precision"] == meta["precision"] == "bf16"  # asked for, and what the steps ran in
     assert meta["request"]["eval_precision"] == meta["eval_precision"] == "fp32"  # and the measurements
     assert meta["config"]["mix_pairs"] == "distinct"
+    assert meta["config"]["polish_steps"] == 2 and meta["config"]["polish_pick"] == "mix_kl"
     assert runs_on_disk(tiny_setup["runs"]) == sorted([first.name, second.name])
 
     (tmp_path / "again.txt").write_text("4\n0\n")  # 0 was forgotten by the first run of the lineage
