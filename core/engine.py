@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -24,6 +23,7 @@ from .methods import (
     Method,
     UnlearnConfig,
     get_method,
+    mixture_kl,
     mixture_pool,
     original_proxy_features,
     pick_mixtures,
@@ -346,10 +346,9 @@ def run_unlearning(model: nn.Module, x_forget: torch.Tensor, y_forget: torch.Ten
         if "mix_pool" in ctx.state:
             ctx.state["steps_mix"] = ctx.state["mix_pool"].to(dtype)
     if config.polish_steps > 0 and config.polish_pick == "mix_kl":  # the original's answers, float32
-        mixtures = pick_mixtures(x_forget, config, y_forget)
+        mixtures = pick_mixtures(x_forget, config, y_forget)  # PICK_MIXTURES rows: one forward each
         with torch.no_grad():
-            answers = F.log_softmax(torch.cat([original(mixtures[i:i + 512]) for i in range(0, len(mixtures), 512)]),
-                                    1)
+            answers = torch.softmax(original(mixtures), 1)
         ctx.state["pick"] = (_encode(original, mixtures, entry, cb), answers)
     z_snap = None
     if cb.on_snapshot and cb.snapshot_inputs is not None:
@@ -436,9 +435,9 @@ def _update(ctx: Context, recipe: Method, live: UnlearnedModel, x_forget: torch.
         rows, answers = ctx.state["pick"]
         live.eval()
         with torch.no_grad(), trunk_dtype(ctx.state["trunk_dtype"]):
-            logits = torch.cat([live(rows[i:i + 512]) for i in range(0, len(rows), 512)]).float()
+            logits = live(rows).float()
         _update_mode(live, config, checked=True)
-        return float(F.kl_div(F.log_softmax(logits, 1), answers, log_target=True, reduction="batchmean"))
+        return float(mixture_kl(logits, answers))
 
     def done(met: bool) -> bool:
         """Whether the run stops after this check: once the stop rule is met, or with polish_steps, once that many
