@@ -1277,6 +1277,12 @@ def test_paper_schedule_is_the_authors_loop(model, forget, anchors):
         assert default_config(method, "fashion-mnist", k=128).late_lr == want
         assert default_config(method, "fashion-mnist", k=32).late_lr == 1.0
         assert default_config(method, "fashion-mnist", k=128, schedule="paper").late_lr == 1.0
+        polish = (200, "mix_kl") if method in LATE_AT_128 else (0, "last")  # and so is the polish that picks a state
+        tuned = default_config(method, "fashion-mnist", k=128)
+        assert (tuned.polish_steps, tuned.polish_pick) == polish
+        paper = default_config(method, "fashion-mnist", k=128, schedule="paper")
+        assert (paper.polish_steps, paper.polish_pick) == (0, "last")
+        assert default_config(method, "fashion-mnist", k=32).polish_steps == 0
     assert default_config("structguard", "fashion-mnist", k=8).precision == "auto"
     assert default_config("adv", "fashion-mnist", k=8).precision == "fp32"
     for method in METHODS:  # at k=32 StructGuard and Adv compute in bfloat16 where native; the authors' loop in fp32
