@@ -47,11 +47,13 @@ HELP = {"schedule": "ours (default: our engine, docs/METHOD.md) or paper (the au
                        "(default 0: once every one is misclassified; e.g. 0.1 keeps a changed precision from "
                        "bringing one back, at the price of more steps)",
         "polish_steps": "once every forget image is misclassified, go on this many steps and return the last state "
-                        "in which every one still was (default 0: stop there; 100 kept +0.54 points of held-out "
-                        "retained accuracy at k=32 in 1.9x the steps, docs/METHOD.md v19)",
+                        "in which every one still was (default: 200 at k=128 for adv, l2ul and structguard, else "
+                        "0: stop there; 100 kept +0.54 points of held-out retained accuracy at k=32 in 1.9x the "
+                        "steps, docs/METHOD.md v19)",
         "polish_pick": "with --polish-steps, which state in which every forget image was misclassified the run "
-                       "returns: last (default) or mix_kl (the one whose answers on fresh mixtures of forget images "
-                       "are closest to the original's; docs/METHOD.md v21)",
+                       "returns: last or mix_kl (the one whose answers on fresh mixtures of forget images are "
+                       "closest to the original's; the default at k=128 for adv, l2ul and structguard, "
+                       "docs/METHOD.md v21-v22)",
         "train_from": "first ResNet stage the run updates; the ones before keep the original weights and run once "
                       "per input (default: tuned per forget size; stem = every stage)",
         "bn": "backbone BatchNorm during updates: frozen (default) or train",

@@ -292,7 +292,7 @@ def _history_section(rep: _Report, meta: dict) -> None:
     if not isinstance(hist, list) or not any(isinstance(h, dict) and "step" in h for h in hist):
         rep.note_missing("training history (run.json has no history)")
         return
-    rep.figure("history", F.history_curves(hist))
+    rep.figure("history", F.history_curves(hist, polish=meta.get("polish")))
 
 
 def _drift_section(rep: _Report, run_dir: Path, meta: dict, audit: dict, class_names: list[str],

@@ -164,6 +164,12 @@ def test_metric_figures(arrays):
     assert [t.name for t in fig.data] == ["align", "del", "total loss", "forget accuracy"]
     assert list(fig.data[-1].y) == [100.0, 75.0, 50.0, 25.0, 0.0]
     assert "none recorded" in F.history_curves([]).layout.title.text
+    assert not fig.layout.shapes
+    polished = F.history_curves(hist, polish={"from": 2, "until": 6, "returned": 3, "pick": "mix_kl"})
+    shapes = polished.layout.shapes  # the polish window and the returned step, on both panels
+    assert sorted((sh.type, sh.x0) for sh in shapes) == [("line", 3), ("line", 3), ("rect", 2), ("rect", 2)]
+    assert [sh.x1 for sh in shapes if sh.type == "rect"] == [4, 4]  # to the last recorded step
+    assert any(a.text.strip().endswith("returned: step 3") for a in polished.layout.annotations)
     m, n = arrays["s_ori"].max(1), arrays["s_unl"].max(1)
     res = confidence_mia(m, n, m[:4]).as_dict()
     mia = F.mia_figure(res, None)

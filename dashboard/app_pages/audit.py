@@ -174,7 +174,7 @@ section = st.segmented_control("Section", SECTIONS, key="audit_section", require
 if section == "Accuracy":
     st.plotly_chart(F.per_class_accuracy_bars(before["per_class_test_acc"], after["per_class_test_acc"], classes),
                     key="au_pc")
-    st.plotly_chart(F.history_curves(meta.get("history") or []), key="au_hist")
+    st.plotly_chart(F.history_curves(meta.get("history") or [], polish=meta.get("polish")), key="au_hist")
 
 elif section == "Drift":
     if labels is None or "feats_before" not in audit:

@@ -34,11 +34,11 @@ FIELDS: list[tuple[str, str, str]] = [
     ("polish_steps", "Polish steps", "Once every forget image is misclassified, go on this many steps and keep the "
                                      "last state in which every one still was (0 = stop at once). The retention "
                                      "terms keep working: 100 kept about half a point more at k=32, in twice the "
-                                     "time."),
+                                     "time; at k=128 200 steps are the default of the proxy methods."),
     ("polish_pick", "Polish keeps", "With polish steps: which state in which every forget image was misclassified "
                                     "the run returns. last: the last one; mix_kl: the one whose answers on fresh "
-                                    "blends of forget images are closest to the original model's (docs/METHOD.md, "
-                                    "v21)."),
+                                    "blends of forget images are closest to the original model's (the default at "
+                                    "k=128; docs/METHOD.md, v21-v22)."),
     ("n_adv", "Adversarial variants per forget image", "Size of the proxy set that stands in for the retain data."),
     ("eps", "PGD radius ε (L2)", "How far the adversarial proxies may move from the forget images (pixel space)."),
     ("pgd_iters", "PGD iterations", "Attack steps per proxy batch; fewer is faster, weaker proxies."),
