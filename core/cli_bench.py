@@ -117,6 +117,7 @@ def bench_row(run_dir: Path, label: str) -> dict:
     row["term_shares"], row["importance"] = meta.get("term_shares"), meta.get("importance")
     row["cell"] = meta.get("request", {}).get("bench_cell")
     row["precision"] = meta.get("precision")
+    row["polish"] = meta.get("polish")  # with polish steps: the first forgotten step and the step returned
     row["eval_precision"] = meta.get("eval_precision", "fp32")  # runs before the option measured in float32
     return row
 

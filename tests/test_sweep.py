@@ -59,6 +59,7 @@ def test_ray_sweep_gives_the_local_backends_numbers(sweeps):
         # the structure scores go through numpy's BLAS, whose thread count differs between the two processes
         assert [ray_rows[key][m] for m in CLOSE] == pytest.approx([local_rows[key][m] for m in CLOSE], rel=1e-9)
     assert ray_rows[("structguard", 2, 0)]["run_dir"] != local_rows[("structguard", 2, 0)]["run_dir"]
+    assert all(local_rows[key]["polish"] is None for key in ran)  # recorded; these runs have no polish steps
     # both tables list the rows in the grid's order, whatever order Ray finished them in
     for backend in ("ray", "local"):
         table = sweeps[backend]["table"]
