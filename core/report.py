@@ -31,7 +31,7 @@ from plotly.offline import get_plotlyjs
 
 from . import figures as F
 from .audit.mia import MIA_DEFINITION, mia_before_after
-from .audit.views import TOW_DEFINITION, accuracy_rows, affinity_view, drift_view, gradcam_view
+from .audit.views import TOW_DEFINITION, accuracy_rows, affinity_view, drift_view, gradcam_view, returned_step
 from .downloads import env_flag
 from .runs import storage_error, write_atomic
 
@@ -270,6 +270,7 @@ def _metrics_section(rep: _Report, meta: dict, class_names: list[str]) -> None:
     else:
         rep.note_missing("structure scores (metrics.after.structure)")
     run_rows = [["stop reason", meta.get("stop_reason")], ["update steps", meta.get("steps")],
+                *([["weights returned", r]] if (r := returned_step(meta)) else []),
                 ["device", meta.get("device")], ["update steps computed in", meta.get("precision")],
                 ["retain and test rows measured in (forget set: fp32)", meta.get("eval_precision", "fp32")],
                 ["peak RSS during the run (MB)", meta.get("peak_rss_mb")]]

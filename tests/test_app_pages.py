@@ -541,6 +541,21 @@ def test_audit_sections(app_env, saved_run) -> None:
     assert any(d.proto.label == "Download HTML report" for d in at.download_button)
 
 
+def test_audit_says_which_step_a_polished_run_returned(app_env, saved_run) -> None:
+    at = new_app()
+    at.session_state.current_run = saved_run
+    at.switch_page("app_pages/audit.py").run()
+    assert not any("weights from step" in c.value for c in at.caption)  # no polish steps: the last step's weights
+    meta = json.loads((saved_run / "run.json").read_text())
+    meta["polish"] = {"from": 1, "until": meta["steps"], "returned": 1, "pick": "mix_kl", "score": 0.2}
+    (saved_run / "run.json").write_text(json.dumps(meta))
+    at = new_app()
+    at.session_state.current_run = saved_run
+    at.switch_page("app_pages/audit.py").run()
+    no_exceptions(at)
+    assert any("weights from step 1: the lowest mixture KL" in c.value for c in at.caption)
+
+
 # ---------------------------------------------------------------- Runs
 
 

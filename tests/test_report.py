@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import write_fashion_idx
 
+from core.audit.views import returned_step
 from core.report import build_report, export_pngs, find_chromium, load_run_tolerant
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -327,3 +328,20 @@ def test_two_threads_asking_for_one_view_fit_it_once(neggrad_run, tmp_path, monk
         t.join(60)
     assert len(fits) == 1, fits
     np.testing.assert_array_equal(out["pump"].result.after, out["page"].result.after)
+
+
+def test_report_says_which_step_a_polished_run_returned(neggrad_run, tmp_path):
+    """With polish steps the returned weights are not the last step's: the run table and the history chart say so."""
+    run = _copy(neggrad_run, tmp_path)
+    meta = json.loads((run / "run.json").read_text())
+    plain = build_report(run, tmp_path / "plain.html", drift_method="pca", gradcam=False).path.read_text()
+    assert "weights returned" not in plain and "polish steps (shaded)" not in plain
+    last = max(h["step"] for h in meta["history"])
+    meta["polish"] = {"from": 1, "until": last, "returned": 2, "pick": "mix_kl", "score": 0.1}
+    (run / "run.json").write_text(json.dumps(meta))
+    html = build_report(run, tmp_path / "r.html", drift_method="pca", gradcam=False).path.read_text()
+    assert "weights returned" in html
+    assert f"weights from step 2: the lowest mixture KL of the polish steps 1-{last}" in html
+    assert "polish steps (shaded); returned: step 2" in html
+    meta["polish"] = {"from": 1}  # a damaged record: no claim
+    assert returned_step(meta) is None and returned_step({}) is None

@@ -290,6 +290,16 @@ def gradcam_view(run_dir: str | Path, audit: dict[str, np.ndarray], meta: dict, 
 # ------------------------------------------------------------------------------------------ metrics
 
 
+def returned_step(meta: dict) -> str | None:
+    """Which update step's weights a run with polish steps returned, in words (None without polish steps)."""
+    p = meta.get("polish")
+    if not isinstance(p, dict) or not all(isinstance(p.get(k), int) for k in ("from", "until", "returned")):
+        return None
+    how = "the lowest mixture KL" if p.get("pick") == "mix_kl" else "the last forgotten state"
+    return (f"weights from step {p['returned']}: {how} of the polish steps {p['from']}-{p['until']} "
+            f"(every forget image first misclassified at step {p['from']})")
+
+
 def accuracy_rows(meta: dict) -> list[dict]:
     """Before, after and (when a retrained model exists) retrained numbers with their deltas."""
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}

@@ -72,6 +72,8 @@ parts = [f"**{meta.get('method')}**", origin, f"k={k}", f"seed {meta.get('seed')
          f"stopped: {meta.get('stop_reason')} after {meta.get('steps')} steps",
          f"encoder `{(meta.get('anchors') or {}).get('encoder')}`", str(meta.get("device")),
          f"{(meta.get('timings') or {}).get('total', 0):.0f} s"]
+if returned := views.returned_step(meta):
+    parts.insert(5, returned)
 if meta.get("parent_run"):
     parts.append(f"continues `{meta['parent_run']}`")
 if meta.get("method") == "structguard":
