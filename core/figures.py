@@ -424,7 +424,7 @@ def per_class_accuracy_bars(before: Sequence[float], after: Sequence[float] | No
 def history_curves(history: Sequence[dict], *, polish: dict | None = None, title: str | None = None) -> go.Figure:
     """Loss terms (and total loss) and forget accuracy against the update step.
 
-    `polish` (run.json's record of polish steps: "from", "until", "returned") shades the steps taken after every
+    `polish` (core.audit.views.polish_record: "from", "until", "returned") shades the steps taken after every
     forget image was first misclassified and marks the step whose weights the run returned: the curves go on past it.
     """
     fig = make_subplots(1, 2, horizontal_spacing=0.08, subplot_titles=("loss terms", "forget accuracy (%)"))
@@ -443,7 +443,7 @@ def history_curves(history: Sequence[dict], *, polish: dict | None = None, title
     fa = [h.get("forget_acc") for h in rows]
     fig.add_trace(go.Scatter(x=steps, y=fa, mode="lines+markers", name="forget accuracy",
                              line=dict(color=PALETTE.forget, width=2), marker=dict(size=4)), 1, 2)
-    if isinstance(polish, dict) and all(isinstance(polish.get(k), int) for k in ("from", "returned")):
+    if polish:
         end = int(steps.max())  # after the traces: plotly leaves shapes off subplots that are still empty
         for col in (1, 2):
             fig.add_vrect(x0=polish["from"], x1=end, fillcolor="#999", opacity=0.12, line_width=0, row=1, col=col)

@@ -31,7 +31,15 @@ from plotly.offline import get_plotlyjs
 
 from . import figures as F
 from .audit.mia import MIA_DEFINITION, mia_before_after
-from .audit.views import TOW_DEFINITION, accuracy_rows, affinity_view, drift_view, gradcam_view, returned_step
+from .audit.views import (
+    TOW_DEFINITION,
+    accuracy_rows,
+    affinity_view,
+    drift_view,
+    gradcam_view,
+    polish_record,
+    returned_step,
+)
 from .downloads import env_flag
 from .runs import storage_error, write_atomic
 
@@ -293,7 +301,7 @@ def _history_section(rep: _Report, meta: dict) -> None:
     if not isinstance(hist, list) or not any(isinstance(h, dict) and "step" in h for h in hist):
         rep.note_missing("training history (run.json has no history)")
         return
-    rep.figure("history", F.history_curves(hist, polish=meta.get("polish")))
+    rep.figure("history", F.history_curves(hist, polish=polish_record(meta)))
 
 
 def _drift_section(rep: _Report, run_dir: Path, meta: dict, audit: dict, class_names: list[str],

@@ -290,10 +290,15 @@ def gradcam_view(run_dir: str | Path, audit: dict[str, np.ndarray], meta: dict, 
 # ------------------------------------------------------------------------------------------ metrics
 
 
+def polish_record(meta: dict) -> dict | None:
+    """run.json's record of a run's polish steps ("from", "until", "returned", "pick"), or None without a whole one."""
+    p = meta.get("polish")
+    return p if isinstance(p, dict) and all(isinstance(p.get(k), int) for k in ("from", "until", "returned")) else None
+
+
 def returned_step(meta: dict) -> str | None:
     """Which update step's weights a run with polish steps returned, in words (None without polish steps)."""
-    p = meta.get("polish")
-    if not isinstance(p, dict) or not all(isinstance(p.get(k), int) for k in ("from", "until", "returned")):
+    if (p := polish_record(meta)) is None:
         return None
     how = "the lowest mixture KL" if p.get("pick") == "mix_kl" else "the last forgotten state"
     return (f"weights from step {p['returned']}: {how} of the polish steps {p['from']}-{p['until']} "

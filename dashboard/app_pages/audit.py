@@ -70,10 +70,9 @@ info = complete[ids.index(choice)]
 origin = f"origin: {info.origin_label}" + ("" if info.own else " (read-only)")
 parts = [f"**{meta.get('method')}**", origin, f"k={k}", f"seed {meta.get('seed')}",
          f"stopped: {meta.get('stop_reason')} after {meta.get('steps')} steps",
+         *filter(None, [views.returned_step(meta)]),
          f"encoder `{(meta.get('anchors') or {}).get('encoder')}`", str(meta.get("device")),
          f"{(meta.get('timings') or {}).get('total', 0):.0f} s"]
-if returned := views.returned_step(meta):
-    parts.insert(5, returned)
 if meta.get("parent_run"):
     parts.append(f"continues `{meta['parent_run']}`")
 if meta.get("method") == "structguard":
@@ -176,7 +175,7 @@ section = st.segmented_control("Section", SECTIONS, key="audit_section", require
 if section == "Accuracy":
     st.plotly_chart(F.per_class_accuracy_bars(before["per_class_test_acc"], after["per_class_test_acc"], classes),
                     key="au_pc")
-    st.plotly_chart(F.history_curves(meta.get("history") or [], polish=meta.get("polish")), key="au_hist")
+    st.plotly_chart(F.history_curves(meta.get("history") or [], polish=views.polish_record(meta)), key="au_hist")
 
 elif section == "Drift":
     if labels is None or "feats_before" not in audit:
