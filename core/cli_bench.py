@@ -98,6 +98,13 @@ def _fmt(values: list[float], ci: bool = False, digits: int = 2) -> str:
     return text
 
 
+def _mia(rows: list[dict], model: str) -> str:
+    """The forget member rate and the threshold-free forget AUC (core.audit.mia) of `model` ("unlearned" or
+    "retrain"); rows made before the AUC existed give n/a for it."""
+    rate = _fmt([r["mia"][model] if r.get("mia") else None for r in rows])
+    return f"{rate}; {_fmt([r['mia_auc'][model] if r.get('mia_auc') else None for r in rows])}"
+
+
 def _variant(spec: str) -> tuple[str, dict]:
     method, _, variant = spec.partition(":")
     if method not in METHODS or variant not in VARIANTS:
@@ -114,6 +121,7 @@ def bench_row(run_dir: Path, label: str) -> dict:
     row["tug_of_war"] = ref["tug_of_war"] if ref else None
     row["gap_test"] = ref["gap"]["test_acc"] if ref else None
     row["mia"] = ref["mia_forget_member_rate"] if ref else None
+    row["mia_auc"] = ref.get("mia_forget_auc") if ref else None  # absent from runs before December 2026's v23
     row["term_shares"], row["importance"] = meta.get("term_shares"), meta.get("importance")
     row["cell"] = meta.get("request", {}).get("bench_cell")
     row["precision"] = meta.get("precision")
@@ -160,8 +168,9 @@ def completed_cells(root: Path) -> dict[str, Path]:
 def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]:
     """Mean ± std (A_test also its 95% t-interval) over seeds, per k and method, with the references."""
     rows = [r for r in rows if not r.get("error")]
-    lines = ["| k | method | A_f | A_r | A_test [95% CI] | A_test - retrain | Tug-of-War | MIA forget member rate | "
-             "affinity cos | forgot | steps | seconds (proxy / importance / updates / eval) | peak MB |",
+    lines = ["| k | method | A_f | A_r | A_test [95% CI] | A_test - retrain | Tug-of-War | "
+             "MIA forget: member rate; AUC vs test | affinity cos | forgot | steps | "
+             "seconds (proxy / importance / updates / eval) | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in ks:
         group = [r for r in rows if r["k"] == k]
@@ -176,7 +185,7 @@ def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]
         if refs:
             accs = [_fmt([r["retrain"][c] for r in refs]) for c in ("forget_acc", "retain_acc", "test_acc")]
             lines.append(f"| {k} | retrain ({len(refs)} of {len(firsts)} seeds) | {accs[0]} | {accs[1]} | {accs[2]} "
-                         f"| 0 | 1 | {_fmt([r['mia']['retrain'] for r in refs])} | | | | | |")
+                         f"| 0 | 1 | {_mia(refs, 'retrain')} | | | | | |")
         for label in labels:
             rs = [r for r in group if r["label"] == label]
             if not rs:
@@ -191,7 +200,7 @@ def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]
                 f"| {k} | {label} | {_fmt([r['forget_acc'] for r in rs])} | {_fmt([r['retain_acc'] for r in rs])} | "
                 f"{_fmt([r['test_acc'] for r in rs], ci=True)} | {_fmt([r['gap_test'] for r in rs])} | "
                 f"{_fmt([r['tug_of_war'] for r in rs], digits=3)} | "
-                f"{_fmt([r['mia']['unlearned'] if r['mia'] else None for r in rs])} | "
+                f"{_mia(rs, 'unlearned')} | "
                 f"{_fmt([r['structure_score'] for r in rs], digits=3)} | {forgot}/{len(rs)} | "
                 f"{_fmt([r['steps'] for r in rs], digits=0)} | {secs} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
     return lines

@@ -494,9 +494,9 @@ def retrain_reference(res: Resolved, after: Measured, after_accs: dict, cache_di
 
     Only when bench/retrain holds a model retrained without exactly this forget set (core.retrain).
     MIA: the confidence attack (core.audit.mia) calibrated on each model's own retain vs test
-    scores; the retrained model's forget member rate is what "never seen" looks like.
+    scores, and the threshold-free forget AUC; the retrained model's values are what "never seen" looks like.
     """
-    from .audit.mia import confidence_mia
+    from .audit.mia import MIAResult, confidence_mia
     from .retrain import find_retrained
 
     if res.start.parent_meta or res.request.uploads:
@@ -512,14 +512,16 @@ def retrain_reference(res: Resolved, after: Measured, after_accs: dict, cache_di
     ref["card"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     ref["command"] = (loaded.card.get("training") or {}).get("command")
 
-    def member_rate(m: Measured) -> float:
+    def attack(m: Measured) -> MIAResult:
         return confidence_mia(true_class_confidence(m.retain.probs, y.retain),
                               true_class_confidence(m.test.probs, y.test),
-                              true_class_confidence(m.forget.probs, y.forget)).member_rate_forget
+                              true_class_confidence(m.forget.probs, y.forget))
 
     ref["gap"] = {k: after_accs[k] - ref[k] for k in ACCURACIES}
     ref["tug_of_war"] = tug_of_war(after_accs, ref)
-    ref["mia_forget_member_rate"] = {"retrain": member_rate(ref_out), "unlearned": member_rate(after)}
+    mia = {"retrain": attack(ref_out), "unlearned": attack(after)}
+    ref["mia_forget_member_rate"] = {k: r.member_rate_forget for k, r in mia.items()}
+    ref["mia_forget_auc"] = {k: r.forget_auc for k, r in mia.items()}
     return ref
 
 

@@ -257,13 +257,15 @@ def _metrics_section(rep: _Report, meta: dict, class_names: list[str]) -> None:
     rep.table(["metric", "original", "unlearned", "Δ"] + (["retrained", "unlearned − retrained"] if ref else []),
               rows, "metrics")
     if ref is not None:
-        mia = ref.get("mia_forget_member_rate") or {}
+        mia, auc = ref.get("mia_forget_member_rate") or {}, ref.get("mia_forget_auc")
         rep.block("text", Markup(
             "Retrain reference: the base model's recipe trained from scratch without the forget set "
             "(<code>{}</code>, made by <code>{}</code>). Tug-of-War score {}: {} "
-            "Forget samples called members by the confidence attack: unlearned {}, retrained {}.").format(
+            "Forget samples called members by the confidence attack: unlearned {}, retrained {}{}").format(
             ref.get("card"), ref.get("command"), _fmt(ref.get("tug_of_war"), 3), TOW_DEFINITION,
-            _fmt(mia.get("unlearned"), 3), _fmt(mia.get("retrain"), 3)))
+            _fmt(mia.get("unlearned"), 3), _fmt(mia.get("retrain"), 3),
+            "." if not auc else "; forget AUC vs test (0.5: like unseen data): unlearned {}, retrained {}.".format(
+                _fmt(auc.get("unlearned"), 3), _fmt(auc.get("retrain"), 3))))
     extra = f"Retain accuracy measured on: {after.get('retain_set', 'unknown')}."
     if "dim_alignment_energy" in after:
         extra += (" Dimensional alignment: share of the forget features' energy inside the top eigenspace holding "
@@ -437,9 +439,10 @@ def _mia_section(rep: _Report, audit: dict) -> None:
             rows.append(["original" if side == "before" else "unlearned", _fmt(r.threshold, 4),
                          _fmt(r.attack_accuracy, 3), _fmt(r.auc, 3), _fmt(100 * r.member_rate_retain, 1),
                          _fmt(100 * r.member_rate_test, 1), _fmt(100 * r.member_rate_forget, 1),
-                         f"{r.n_retain} / {r.n_test} / {r.n_forget}"])
+                         _fmt(r.forget_auc, 3), f"{r.n_retain} / {r.n_test} / {r.n_forget}"])
         rep.table(["model", "threshold t", "attack accuracy (balanced)", "AUC", "retain called member %",
-                   "test called member %", "forget called member %", "n retain / test / forget"], rows)
+                   "test called member %", "forget called member %",
+                   "forget AUC vs test (0.5: like unseen)", "n retain / test / forget"], rows)
         if any(r.n_forget < 10 for r in res.values()):
             rep.block("note", "Fewer than 10 forget samples: the forget member rate moves in large steps and is a "
                               "weak signal on its own.")

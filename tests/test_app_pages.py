@@ -536,6 +536,8 @@ def test_audit_sections(app_env, saved_run) -> None:
         assert not at.error, (section, [e.value for e in at.error])
         if section != "Record":
             assert at.get("plotly_chart"), section
+        if section == "Membership inference":  # the threshold-free AUC, the original's and the run's
+            assert any(c.value.startswith("Forget AUC vs test") and "unlearned 0." in c.value for c in at.caption)
     next(b for b in at.button if b.label == "Prepare HTML report").click().run()
     no_exceptions(at)
     assert any(d.proto.label == "Download HTML report" for d in at.download_button)

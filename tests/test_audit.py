@@ -19,7 +19,7 @@ from core.audit import (
     row_cosine_summary,
     sample_affinity,
 )
-from core.audit.mia import MIA_DEFINITION, roc
+from core.audit.mia import MIA_DEFINITION, rank_auc, roc
 
 PER_CLASS = 25
 
@@ -186,6 +186,28 @@ def test_mia_on_real_confidences(real):
     assert res_test.member_rate_forget == pytest.approx(float((n[:50] >= res_test.threshold).mean()))
     zero = confidence_mia(m, n, np.zeros(5))
     assert zero.member_rate_forget == 0.0 and zero.n_forget == 5
+    # the forget AUC: test samples as forget samples score one half; never-confident ones score 0
+    assert confidence_mia(m, n, n).forget_auc == pytest.approx(0.5)
+    assert zero.forget_auc == 0.0 and confidence_mia(m, n, np.ones(3)).forget_auc > 0.9
+
+
+def test_forget_auc_is_the_threshold_free_area_and_steady_where_the_rate_jumps():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    for trial in range(10):  # rounded scores: ties inside and across the groups count one half, as in sklearn
+        f, n = np.round(rng.beta(2 + trial, 2, 40), 2), np.round(rng.beta(3, 2, 500), 2)
+        expected = roc_auc_score(np.r_[np.ones(len(f)), np.zeros(len(n))], np.r_[f, n])
+        assert rank_auc(f, n) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(rank_auc(np.array([]), np.array([0.5])))
+    # a well-generalising model: members and non-members alike, so a sample or two decides where the threshold
+    # falls. Forget samples between the two modes are called members at rate 0 or 1 with it; the AUC stays one half
+    members, nonmembers = np.r_[np.full(50, 0.2), np.full(52, 0.9)], np.r_[np.full(50, 0.2), np.full(50, 0.9)]
+    forget = np.full(8, 0.5)
+    low = confidence_mia(members, nonmembers, forget)  # the threshold lands on 0.9
+    high = confidence_mia(members[:100], np.r_[0.1, 0.1, nonmembers[2:]], forget)  # on 0.2
+    assert (low.member_rate_forget, high.member_rate_forget) == (0.0, 1.0)
+    assert low.forget_auc == high.forget_auc == 0.5
 
 
 def test_mia_threshold_separates_separable_scores():
@@ -276,3 +298,14 @@ def test_gradcam_keeps_model_state_and_supports_unlearned_wrapper(real):
     assert ov.shape == (4, 28, 28, 3) and ov.dtype == np.uint8
     plain = overlay(real["x"][6:10], np.zeros((4, 28, 28)))
     np.testing.assert_array_equal(plain[..., 0], (real["x"][6:10, 0].numpy() * 255).round().astype(np.uint8))
+
+
+def test_forget_auc_caption_names_each_model_it_has():
+    from core.audit.views import forget_auc_caption
+
+    m, n = np.r_[np.full(10, 0.9), 0.2], np.full(10, 0.9)
+    mia = {"before": confidence_mia(m, n, n[:4]), "after": confidence_mia(m, n, np.zeros(4))}
+    text = forget_auc_caption(mia, {"metrics": {"retrain": {"mia_forget_auc": {"retrain": 0.47, "unlearned": 0.0}}}})
+    assert text.endswith("original 0.50, unlearned 0.00, retrained 0.47.")
+    assert forget_auc_caption({"after": mia["after"]}, {"metrics": {}}).endswith(": unlearned 0.00.")
+    assert forget_auc_caption({}, {}) is None

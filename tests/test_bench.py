@@ -24,7 +24,8 @@ def _row(label: str, k: int, seed: int, test: float, forget: float = 0.0, ref: b
             "before": {"forget_acc": 100.0, "retain_acc": 95.0, "test_acc": 93.4},
             "retrain": {"forget_acc": 93.75, "retain_acc": 95.0, "test_acc": 93.5} if ref else None,
             "tug_of_war": 0.05 if ref else None, "gap_test": test - 93.5 if ref else None,
-            "mia": {"retrain": 0.6, "unlearned": 0.1} if ref else None}
+            "mia": {"retrain": 0.6, "unlearned": 0.1} if ref else None,
+            "mia_auc": {"retrain": 0.5, "unlearned": 0.08 + seed / 100} if ref else None}
 
 
 def test_fmt_mean_std_and_interval():
@@ -65,6 +66,9 @@ def test_table_rows_references_and_forgot_count():
     assert "| 3/3 |" in adv and "| 902 |" in adv
     assert "| 2/3 |" in sg  # seed 2 left one image recognised: the table says so
     assert "| 0.050 |" in sg  # Tug-of-War only from the seed that has a retrained reference
+    assert "| 0.60 ± 0.00; 0.50 ± 0.00 |" in retrain and "| 0.10 ± 0.00; 0.09 ± 0.01 |" in adv
+    del rows[0]["mia_auc"], rows[1]["mia_auc"], rows[2]["mia_auc"]  # rows made before the forget AUC
+    assert "| 0.10 ± 0.00; n/a |" in bench_table(rows, ["adv"], [32])[4]
 
 
 def test_cli_bench_from_jsonl(run_cli, tmp_path):

@@ -11,10 +11,14 @@ import html
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
+from bench.backfill_mia_auc import backfill
+from core.audit.mia import mia_before_after
 from core.audit.views import TOW_DEFINITION
+from core.cli_bench import bench_row
 from core.data import Dataset
 from core.models import LoadedModel, load_model
 from core.pipeline import RunRequest, execute_run, tug_of_war
@@ -129,7 +133,21 @@ def test_run_record_compares_with_a_retrained_reference(sample_model, tmp_path, 
     assert ref["card"].endswith("same.json") and "retrain" in ref["command"]
     rates = ref["mia_forget_member_rate"]
     assert 0 <= rates["retrain"] <= 1 and 0 <= rates["unlearned"] <= 1
+    # the stand-in is the original model: its forget AUC is the original's on the audit page, the unlearned one's
+    # is the run's own; both computed from the same rows
+    audit_mia = mia_before_after(dict(np.load(run_dir / "audit.npz")))
+    aucs = ref["mia_forget_auc"]
+    assert aucs["retrain"] == pytest.approx(audit_mia["before"].forget_auc)
+    assert aucs["unlearned"] == pytest.approx(audit_mia["after"].forget_auc)
     # the report shows the reference: its card, the score, and why forgetting every image scores low
     page = build_report(run_dir, gradcam=False).path.read_text()
     assert "same.json" in page and f"Tug-of-War score {ref['tug_of_war']:.3f}" in page
+    assert f"forget AUC vs test (0.5: like unseen data): unlearned {aucs['unlearned']:.3f}" in page
+    # bench/backfill_mia_auc.py measures a saved run again: it repeats the row, then adds the AUC; else leaves it
+    row = bench_row(run_dir, "adv")
+    assert row.pop("mia_auc") == aucs
+    assert backfill(row) == "filled" and row["mia_auc"] == pytest.approx(aucs)
+    row.pop("mia_auc")
+    row["test_acc"] += 1.0
+    assert backfill(row).startswith("differs") and "mia_auc" not in row
     assert html.escape(TOW_DEFINITION, quote=False) in page

@@ -11,13 +11,21 @@ Definition (also printed in the report):
     then applied to the forget set: the share of forget samples called "member".
     Before and after are calibrated separately, each on its own model's scores.
 
+    Forget AUC (no threshold): the probability that a forget sample scores higher
+    than a test sample (ties count one half). 0.5: the forget samples look like
+    data the model never saw; above 0.5: like training data; below 0.5: the model
+    is less sure of them than of unseen data.
+
 Reading it: before unlearning the forget samples are training members, so their
 member rate is close to the retain rate. After successful unlearning it should fall
 to about the test rate (the false-positive rate on unseen data): the forget samples
 then look like data the model never saw. Far below the test rate is itself a signal
 (the Streisand effect: an over-forgotten sample is recognisable again). With a
 well-generalising model the attack is weak (accuracy near 0.5); that is a property
-of the model, and the report says so rather than hiding it.
+of the model, and the report says so rather than hiding it. The member rate then
+depends on where the threshold happens to fall, so it can jump between 0 and 1
+from one forget set to the next; the forget AUC does not depend on a threshold.
+A retrained model, which never saw the forget samples, puts it near 0.5.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["MIA_DEFINITION", "MIAResult", "calibrate_threshold", "confidence_mia", "mia_before_after", "roc"]
+__all__ = ["MIA_DEFINITION", "MIAResult", "calibrate_threshold", "confidence_mia", "mia_before_after",
+           "rank_auc", "roc"]
 
 MIA_DEFINITION = __doc__.split("Definition (also printed in the report):", 1)[1].strip()
 
@@ -39,6 +48,7 @@ class MIAResult:
     member_rate_retain: float  # TPR at the threshold
     member_rate_test: float    # FPR at the threshold: the rate an unseen sample is called member
     member_rate_forget: float  # share of forget samples called member
+    forget_auc: float          # P(forget score > test score), ties one half: 0.5 = like unseen data
     n_retain: int
     n_test: int
     n_forget: int
@@ -63,6 +73,17 @@ def roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     tps = np.cumsum(y)[last]
     fps = last + 1 - tps
     return (np.r_[0.0, fps / max(len(y) - y.sum(), 1)], np.r_[0.0, tps / max(y.sum(), 1)], np.r_[np.inf, s[last]])
+
+
+def rank_auc(higher: np.ndarray, lower: np.ndarray) -> float:
+    """P(a score of `higher` > a score of `lower`), a tie counting one half: the Mann-Whitney AUC.
+    NaN when either side is empty."""
+    a, b = _clean(higher), np.sort(_clean(lower))
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    below = np.searchsorted(b, a, side="left")
+    ties = np.searchsorted(b, a, side="right") - below
+    return float((below + ties / 2).sum() / (len(a) * len(b)))
 
 
 def calibrate_threshold(member_conf: np.ndarray, nonmember_conf: np.ndarray) -> tuple[float, float, float]:
@@ -90,7 +111,7 @@ def confidence_mia(retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: 
     def rate(v: np.ndarray) -> float:
         return float((v >= t).mean()) if len(v) else float("nan")
 
-    return MIAResult(t, acc, auc, rate(r), rate(te), rate(f), len(r), len(te), len(f))
+    return MIAResult(t, acc, auc, rate(r), rate(te), rate(f), rank_auc(f, te), len(r), len(te), len(f))
 
 
 def mia_before_after(audit: dict[str, np.ndarray]) -> dict[str, MIAResult]:

@@ -305,6 +305,21 @@ def returned_step(meta: dict) -> str | None:
             f"(every forget image first misclassified at step {p['from']})")
 
 
+def forget_auc_caption(mia: dict, meta: dict) -> str | None:
+    """The threshold-free forget AUC of the original and the unlearned model (MIAResults by side, from
+    core.audit.mia.mia_before_after) and of the retrained model when the run has a reference, in words."""
+    parts = [f"{name} {mia[side].forget_auc:.2f}" for side, name in (("before", "original"), ("after", "unlearned"))
+             if side in mia and mia[side].forget_auc == mia[side].forget_auc]
+    ref = (meta.get("metrics") or {}).get("retrain")
+    retrained = ((ref or {}).get("mia_forget_auc") or {}).get("retrain") if isinstance(ref, dict) else None
+    if isinstance(retrained, (int, float)):
+        parts.append(f"retrained {retrained:.2f}")
+    if not parts:
+        return None
+    return ("Forget AUC vs test, the chance that a forget image gets more confidence in its label than an unseen "
+            "test image (0.5: like unseen data; lower: less sure of it than of unseen data): " + ", ".join(parts) + ".")
+
+
 def accuracy_rows(meta: dict) -> list[dict]:
     """Before, after and (when a retrained model exists) retrained numbers with their deltas."""
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}

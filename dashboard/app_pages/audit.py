@@ -239,6 +239,8 @@ elif section == "Membership inference":
     else:
         b, a = res.get("before"), res.get("after")
         st.plotly_chart(F.mia_figure(b.as_dict() if b else None, a.as_dict() if a else None), key="au_mia")
+        if caption := views.forget_auc_caption(res, meta):
+            st.caption(caption)
         st.dataframe({k: v.as_dict() for k, v in res.items()})
         with st.expander("How the attack works"):
             st.markdown(MIA_DEFINITION)
