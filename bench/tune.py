@@ -116,6 +116,25 @@ def cell_line(cell: TuneCell, res: dict) -> str:
     return f"{where}: A_f {res['A_f']:.1f} A_r {res['A_r']:.2f}, {res['steps']} steps, {res['seconds']:.0f} s"
 
 
+def result_table(rows: list[dict], names: list[str], ks: list[int]) -> list[str]:
+    """One markdown row per (k, setting): the grid's values, A_f, A_r, steps, seconds, and the chosen setting."""
+    lines = ["| " + " | ".join(["k", *names, "A_f (max)", "A_r (min)", "steps", "seconds", "chosen"]) + " |",
+             "|---" * (len(names) + 6) + "|"]
+    for k in ks:
+        mine = [r for r in rows if r["k"] == k]
+        ok = [r for r in mine if r.get("A_f_max") == 0.0]
+        best = max(ok, key=lambda r: r["A_r"]) if ok else None
+        for r in mine:
+            if "error" in r:
+                lines.append("| " + " | ".join([str(k), *(str(r[n]) for n in names), f"failed: {r['error']}"])
+                             + " | | | | |")
+                continue
+            lines.append("| " + " | ".join([str(k), *(str(r[n]) for n in names)]) + f" | {r['A_f']:.2f} "
+                         f"({r['A_f_max']:.1f}) | {r['A_r']:.2f} ({r['A_r_min']:.2f}) | {r['steps']:.0f} "
+                         f"| {r['seconds']:.1f} | {'**yes**' if r is best else ''} |")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--method", default="structguard")
@@ -184,19 +203,7 @@ def main() -> int:
              f"A_r on {n_retain} training images outside every forget set (original {base_r:.2f}). "
              "Qualifies: A_f = 0 on every seed; chosen: the highest mean A_r among those. "
              "The test set is not read.", "",
-             "| k | " + " | ".join(names) + " | A_f (max) | A_r (min) | steps | seconds | chosen |",
-             "|---" * (len(names) + 6) + "|"]
-    for k in ks:
-        mine = [r for r in rows if r["k"] == k]
-        ok = [r for r in mine if r.get("A_f_max") == 0.0]
-        best = max(ok, key=lambda r: r["A_r"]) if ok else None
-        for r in mine:
-            if "error" in r:
-                lines.append(f"| {k} | " + " | ".join(str(r[n]) for n in names) + f" | failed: {r['error']} | | | | |")
-                continue
-            vals = " | ".join(str(r[n]) for n in names)
-            lines.append(f"| {k} | {vals} | {r['A_f']:.2f} ({r['A_f_max']:.1f}) | {r['A_r']:.2f} ({r['A_r_min']:.2f}) "
-                         f"| {r['steps']:.0f} | {r['seconds']:.1f} | {'**yes**' if r is best else ''} |")
+             *result_table(rows, names, ks)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -1,4 +1,5 @@
-"""bench/paired.py: the paired comparison of two held-out settings that the closing notes quote."""
+"""bench/paired.py: the paired comparison of two held-out settings that the closing notes quote; and bench/tune.py's
+table of the settings it compares."""
 import json
 import subprocess
 import sys
@@ -75,3 +76,20 @@ def test_repeated_filters_join_rows_of_other_forget_sets(tmp_path):
     assert "B kept more on 2 of 4" in out.stdout and "(sets 102, 103)" in out.stdout
     twice = subprocess.run([*cmd, "--a", "method=adv,part=1"], cwd=ROOT, capture_output=True, text=True)
     assert twice.returncode == 2 and "100, 101 appear in two of the rows picked" in twice.stderr
+
+
+def test_tune_table_has_one_column_per_grid_field_even_with_none():
+    from bench.tune import result_table
+
+    def row(k: int, a_r: float, a_f_max: float = 0.0, **setting) -> dict:
+        return {"k": k, **setting, "A_f": a_f_max / 4, "A_f_max": a_f_max, "A_r": a_r, "A_r_min": a_r - 1,
+                "steps": 100.0, "seconds": 9.5}
+
+    lines = result_table([row(128, 75.3)], [], [128])  # the defaults alone: no grid columns
+    assert lines[:3] == ["| k | A_f (max) | A_r (min) | steps | seconds | chosen |", "|---" * 6 + "|",
+                         "| 128 | 0.00 (0.0) | 75.30 (74.30) | 100 | 9.5 | **yes** |"]
+    rows = [row(32, 90.0, lr=0.1), row(32, 91.0, a_f_max=3.1, lr=0.2), {"k": 32, "lr": 0.3, "error": "boom"}]
+    lines = result_table(rows, ["lr"], [32])
+    assert [line.count("|") for line in lines] == [8] * 5  # every row as wide as the header
+    assert lines[2].endswith("| **yes** |") and lines[3].endswith("|  |")  # A_f above 0 is never chosen
+    assert "failed: boom" in lines[4]
