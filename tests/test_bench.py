@@ -68,7 +68,9 @@ def test_table_rows_references_and_forgot_count():
     assert "| 0.050 |" in sg  # Tug-of-War only from the seed that has a retrained reference
     assert "| 0.60 ± 0.00; 0.50 ± 0.00 |" in retrain and "| 0.10 ± 0.00; 0.09 ± 0.01 |" in adv
     del rows[0]["mia_auc"], rows[1]["mia_auc"], rows[2]["mia_auc"]  # rows made before the forget AUC
-    assert "| 0.10 ± 0.00; n/a |" in bench_table(rows, ["adv"], [32])[4]
+    lines = bench_table(rows, ["adv", "structguard"], [32])
+    assert "| 0.10 ± 0.00; n/a |" in lines[4]
+    assert "| 0.60 ± 0.00; 0.50 |" in lines[3]  # the retrained model's AUC from the one seed whose row has it
 
 
 def test_cli_bench_from_jsonl(run_cli, tmp_path):
