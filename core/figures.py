@@ -470,7 +470,7 @@ def mia_figure(before: dict | None, after: dict | None, *, title: str | None = N
         if res:
             fig.add_trace(go.Bar(x=cats, y=[100 * res[k] for k in keys], name=
                                  f"{side}: attack acc {res['attack_accuracy']:.2f}, AUC {res['auc']:.2f}, "
-                                      f"forget AUC {res.get('forget_auc', float('nan')):.2f}",
+                                      f"forget AUC {res['forget_auc']:.2f}",
                                  marker_color=color, texttemplate="%{y:.1f}%", textposition="outside"))
     fig.update_layout(barmode="group")
     fig.update_yaxes(title='called "member" (%)', range=[0, 110])

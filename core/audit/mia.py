@@ -75,15 +75,19 @@ def roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return (np.r_[0.0, fps / max(len(y) - y.sum(), 1)], np.r_[0.0, tps / max(y.sum(), 1)], np.r_[np.inf, s[last]])
 
 
+def _area(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """The area under roc()'s curve by trapezoids: a tie between a member and a non-member counts one half."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
 def rank_auc(higher: np.ndarray, lower: np.ndarray) -> float:
-    """P(a score of `higher` > a score of `lower`), a tie counting one half: the Mann-Whitney AUC.
+    """P(a score of `higher` > a score of `lower`), a tie counting one half (the ROC AUC of `higher` as positives).
     NaN when either side is empty."""
-    a, b = _clean(higher), np.sort(_clean(lower))
+    a, b = _clean(higher), _clean(lower)
     if len(a) == 0 or len(b) == 0:
         return float("nan")
-    below = np.searchsorted(b, a, side="left")
-    ties = np.searchsorted(b, a, side="right") - below
-    return float((below + ties / 2).sum() / (len(a) * len(b)))
+    fpr, tpr, _ = roc(np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b])
+    return _area(fpr, tpr)
 
 
 def calibrate_threshold(member_conf: np.ndarray, nonmember_conf: np.ndarray) -> tuple[float, float, float]:
@@ -98,9 +102,7 @@ def calibrate_threshold(member_conf: np.ndarray, nonmember_conf: np.ndarray) -> 
     t = float(thr[j])
     if not np.isfinite(t):  # the first threshold is +inf ("nobody is a member")
         t = float(s.max()) + 1e-12
-    # the area by trapezoids: a tie between a member and a non-member counts one half
-    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-    return t, float((tpr[j] + 1 - fpr[j]) / 2), auc
+    return t, float((tpr[j] + 1 - fpr[j]) / 2), _area(fpr, tpr)
 
 
 def confidence_mia(retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray) -> MIAResult:

@@ -311,7 +311,7 @@ def forget_auc_caption(mia: dict, meta: dict) -> str | None:
     parts = [f"{name} {mia[side].forget_auc:.2f}" for side, name in (("before", "original"), ("after", "unlearned"))
              if side in mia and mia[side].forget_auc == mia[side].forget_auc]
     ref = (meta.get("metrics") or {}).get("retrain")
-    retrained = ((ref or {}).get("mia_forget_auc") or {}).get("retrain") if isinstance(ref, dict) else None
+    retrained = (ref.get("mia_forget_auc") or {}).get("retrain") if isinstance(ref, dict) else None
     if isinstance(retrained, (int, float)):
         parts.append(f"retrained {retrained:.2f}")
     if not parts:
