@@ -98,17 +98,11 @@ def _fmt(values: list[float], ci: bool = False, digits: int = 2) -> str:
     return text
 
 
-def _mia(rows: list[dict], model: str, auc_rows: list[dict] | None = None) -> str:
+def _mia(rows: list[dict], model: str) -> str:
     """The forget member rate and the threshold-free forget AUC (core.audit.mia) of `model` ("unlearned" or
-    "retrain"), the AUC from `auc_rows` if given; rows made before the AUC existed give n/a for it."""
+    "retrain"); rows made before the AUC existed give n/a for it."""
     rate = _fmt([r["mia"][model] if r.get("mia") else None for r in rows])
-    return f"{rate}; {_fmt([r['mia_auc'][model] if r.get('mia_auc') else None for r in auc_rows or rows])}"
-
-
-def retrain_auc_rows(group: list[dict], refs: list[dict]) -> list[dict]:
-    """Per seed of `refs`, a row of `group` that has the forget AUC (every method's row of a seed measures the same
-    retrained model), else the seed's own row."""
-    return [next((x for x in group if x["seed"] == r["seed"] and x.get("mia_auc")), r) for r in refs]
+    return f"{rate}; {_fmt([r['mia_auc'][model] if r.get('mia_auc') else None for r in rows])}"
 
 
 def _variant(spec: str) -> tuple[str, dict]:
@@ -191,7 +185,7 @@ def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]
         if refs:
             accs = [_fmt([r["retrain"][c] for r in refs]) for c in ("forget_acc", "retain_acc", "test_acc")]
             lines.append(f"| {k} | retrain ({len(refs)} of {len(firsts)} seeds) | {accs[0]} | {accs[1]} | {accs[2]} "
-                         f"| 0 | 1 | {_mia(refs, 'retrain', retrain_auc_rows(group, refs))} | | | | | |")
+                         f"| 0 | 1 | {_mia(refs, 'retrain')} | | | | | |")
         for label in labels:
             rs = [r for r in group if r["label"] == label]
             if not rs:
