@@ -169,7 +169,7 @@ def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]
     """Mean ± std (A_test also its 95% t-interval) over seeds, per k and method, with the references."""
     rows = [r for r in rows if not r.get("error")]
     lines = ["| k | method | A_f | A_r | A_test [95% CI] | A_test - retrain | Tug-of-War | "
-             "MIA forget: member rate; AUC vs test | affinity cos | forgot | steps | "
+             "MIA forget: member rate; AUC vs test | affinity cos | forgot | steps (precision) | "
              "seconds (proxy / importance / updates / eval) | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in ks:
@@ -196,13 +196,15 @@ def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]
             secs = f"{_fmt([r['seconds'] for r in rs], digits=1)} (" + " / ".join(
                 _fmt(v, digits=1) for v in phases) + ")"
             forgot = sum(r["forget_acc"] == 0.0 for r in rs)
+            # the number format of the update steps, chosen per method and k: it explains much of the seconds
+            precision = "/".join(sorted({r["precision"] for r in rs if r.get("precision")}))
             lines.append(
                 f"| {k} | {label} | {_fmt([r['forget_acc'] for r in rs])} | {_fmt([r['retain_acc'] for r in rs])} | "
                 f"{_fmt([r['test_acc'] for r in rs], ci=True)} | {_fmt([r['gap_test'] for r in rs])} | "
                 f"{_fmt([r['tug_of_war'] for r in rs], digits=3)} | "
                 f"{_mia(rs, 'unlearned')} | "
                 f"{_fmt([r['structure_score'] for r in rs], digits=3)} | {forgot}/{len(rs)} | "
-                f"{_fmt([r['steps'] for r in rs], digits=0)} | {secs} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
+                f"{_fmt([r['steps'] for r in rs], digits=0)}{f' ({precision})' if precision else ''} | {secs} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
     return lines
 
 
@@ -263,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     header = (f"Command: `python -m core {' '.join(sys.argv[1:])}`\n\n"
               f"Device: {first.get('device', '?')}; backend: {getattr(args, 'backend', 'local')}"
               f"{f' (torch threads per run: {threads})' if threads else ''}"
-              f"{f'; update steps in {precisions}' if precisions else ''}"
+              f"{f'; update steps in {precisions} (per method in the steps column)' if precisions else ''}"
               f"{f'; retain and test rows measured in {measured} (forget set: fp32)' if measured else ''}; anchors: "
               f"{first.get('encoder', '?')}; A_r on the retain {first.get('retain_set', '?')}; mean ± std over "
               f"seeds {seeds} (A_test also its 95% t-interval); retrain: the base recipe trained without the forget "

@@ -57,6 +57,8 @@ def test_variants_parse_and_refuse_unknown():
 def test_table_rows_references_and_forgot_count():
     rows = [_row("adv", 32, s, 70.0 + s) for s in range(3)]
     rows += [_row("structguard", 32, s, 80.0 + s, forget=3.125 if s == 2 else 0.0, ref=s == 0) for s in range(3)]
+    for r in rows[3:]:
+        r["precision"] = "bf16"
     lines = bench_table(rows, ["adv", "structguard"], [32])
     assert lines[0].startswith("| k | method | A_f | A_r | A_test [95% CI]")
     original, retrain, adv, sg = lines[2:]
@@ -64,7 +66,9 @@ def test_table_rows_references_and_forgot_count():
     assert retrain.startswith("| 32 | retrain (3 of 3 seeds) | 93.75 ± 0.00 | 95.00 ± 0.00 | 93.50 ± 0.00 | 0 | 1 |")
     assert adv.startswith("| 32 | adv | 0.00 ± 0.00 | 72.00 ± 1.00 | 71.00 ± 1.00 [68.52, 73.48] |")
     assert "| 3/3 |" in adv and "| 902 |" in adv
+    assert "| 41 ± 1 |" in adv  # rows that do not record their precision (before December 2026) say nothing
     assert "| 2/3 |" in sg  # seed 2 left one image recognised: the table says so
+    assert "| 41 ± 1 (bf16) |" in sg  # the update steps' number format, which explains much of the seconds
     assert "| 0.050 |" in sg  # Tug-of-War only from the seed that has a retrained reference
     assert "| 0.60 ± 0.00; 0.50 ± 0.00 |" in retrain and "| 0.10 ± 0.00; 0.09 ± 0.01 |" in adv
     del rows[0]["mia_auc"], rows[1]["mia_auc"], rows[2]["mia_auc"]  # rows made before the forget AUC
