@@ -1285,6 +1285,10 @@ def test_paper_schedule_is_the_authors_loop(model, forget, anchors):
         assert default_config(method, "fashion-mnist", k=32).polish_steps == 0
     assert default_config("structguard", "fashion-mnist", k=8).precision == "auto"
     assert default_config("adv", "fashion-mnist", k=8).precision == "fp32"
+    for method in METHODS:  # at k=128 StructGuard and Adv too (held-out, v16 and v24); never the authors' loop
+        want = "auto" if method in ("structguard", "adv") else "fp32"
+        assert default_config(method, "fashion-mnist", k=128).precision == want
+        assert default_config(method, "fashion-mnist", k=128, schedule="paper").precision == "fp32"
     for method in METHODS:  # at k=32 StructGuard and Adv compute in bfloat16 where native; the authors' loop in fp32
         want = "auto" if method in ("structguard", "adv") else "fp32"
         assert default_config(method, "fashion-mnist", k=32).precision == want
