@@ -198,13 +198,14 @@ def bench_table(rows: list[dict], labels: list[str], ks: list[int]) -> list[str]
             forgot = sum(r["forget_acc"] == 0.0 for r in rs)
             # the number format of the update steps, chosen per method and k: it explains much of the seconds
             precision = "/".join(sorted({r["precision"] for r in rs if r.get("precision")}))
+            steps = _fmt([r["steps"] for r in rs], digits=0) + (f" ({precision})" if precision else "")
             lines.append(
                 f"| {k} | {label} | {_fmt([r['forget_acc'] for r in rs])} | {_fmt([r['retain_acc'] for r in rs])} | "
                 f"{_fmt([r['test_acc'] for r in rs], ci=True)} | {_fmt([r['gap_test'] for r in rs])} | "
                 f"{_fmt([r['tug_of_war'] for r in rs], digits=3)} | "
                 f"{_mia(rs, 'unlearned')} | "
                 f"{_fmt([r['structure_score'] for r in rs], digits=3)} | {forgot}/{len(rs)} | "
-                f"{_fmt([r['steps'] for r in rs], digits=0)}{f' ({precision})' if precision else ''} | {secs} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
+                f"{steps} | {secs} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
     return lines
 
 
